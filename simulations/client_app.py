@@ -1,0 +1,208 @@
+"""The Flower ClientApp of a simulation, and what a client process keeps between messages.
+
+``make_client_app(config)`` returns a real ``flwr.clientapp.ClientApp``: it runs under our Ray
+engine, under ``flwr.simulation.run_simulation`` and, given a ``partition-id`` in the node config,
+on a real SuperNode. A :class:`ClientRuntime` is built once per process and reused for every
+virtual client that process serves: the federated data is loaded once (from the on-disk cache), and
+one model instance per model kind is kept and loaded in place with each message's weights.
+
+What a train message asks for is the ``task`` key of its ConfigRecord (default ``train``: local SGD);
+tasks are registered in :data:`TASKS` (families add their own, e.g. ``fisher``).
+All local randomness comes from a generator keyed by ``(seed, "local-train", round, client)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedagg.data import FederatedData, load_federated
+from fedagg.models import build_model
+from fedagg.registry import Registry
+from fedagg.rng import torch_generator
+from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state, local_sgd, state_to_numpy
+from strategies.arrays import to_numpy, to_record
+
+#: Client tasks: ``task(runtime, client_id, content, context) -> RecordDict`` (the reply content).
+TASKS: Registry[RecordDict] = Registry("client task")
+
+PARTITION_ID_KEY = "partition-id"
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``cuda`` when asked for or (``auto``) when this process sees a GPU, else ``cpu``."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda requested but no GPU is visible to this process")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclasses.dataclass
+class ClientTensors:
+    """A client's train and test data as tensors on the runtime's device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+class ClientRuntime:
+    """Per-process state shared by all virtual clients of one run (lazy; cheap to pickle)."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+        self._data: FederatedData | None = None
+        self._models: dict[str, torch.nn.Module] = {}
+        self._tensors: dict[int, ClientTensors] = {}
+        self._device: torch.device | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["config"])  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ lazy resources
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = resolve_device(self.config.get("device", "auto"))
+        return self._device
+
+    def set_data(self, data: FederatedData) -> None:
+        """Use already-loaded federated data (the server loads it once for evaluation)."""
+        self._data = data
+
+    @property
+    def data(self) -> FederatedData:
+        if self._data is None:
+            c = self.config
+            args = dict(c.get("partition_args") or {})
+            if c.get("alpha") is not None:
+                args["alpha"] = c["alpha"]
+            self._data = load_federated(
+                c["dataset"], int(c["num_clients"]), self.seed, partition=c["partition"],
+                partition_args=args, dataset_args=c.get("dataset_args") or {},
+                test_fraction=float(c.get("test_fraction", 0.2)),
+            )
+        return self._data
+
+    def model(self, name: str | None = None, params: Mapping[str, Any] | None = None) -> torch.nn.Module:
+        """The process's model instance of kind ``name`` (default: the run's model)."""
+        name = name or self.config["model"]
+        params = dict(params if params is not None else self.config.get("model_args") or {})
+        key = f"{name}:{sorted(params.items())}"
+        if key not in self._models:
+            d = self.data
+            self._models[key] = build_model(name, d.input_shape, d.num_classes, self.seed, params).to(self.device)
+        return self._models[key]
+
+    def tensors(self, cid: int) -> ClientTensors:
+        """Client ``cid``'s data on the device (cached per process)."""
+        if cid not in self._tensors:
+            from simulations.byzantine import data_attack
+
+            train, test = self.data.client(cid)
+            dev = self.device
+            y = data_attack(self.config, cid, train.y)
+            self._tensors[cid] = ClientTensors(
+                torch.as_tensor(train.x, device=dev), torch.as_tensor(y, device=dev),
+                torch.as_tensor(test.x, device=dev), torch.as_tensor(test.y, device=dev),
+            )
+        return self._tensors[cid]
+
+    def train_config(self, config: ConfigRecord) -> LocalTrainConfig:
+        """Local optimisation settings: the message's ConfigRecord, falling back to the run config."""
+        c = self.config
+        return LocalTrainConfig(
+            steps=int(config.get("local-steps", c["local_steps"])),
+            lr=float(config.get("lr", c["lr"])),
+            batch_size=int(config.get("batch-size", c["batch_size"])),
+            momentum=float(config.get("momentum", c.get("momentum", 0.0))),
+            weight_decay=float(config.get("weight-decay", c.get("weight_decay", 0.0))),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+
+    def generator(self, purpose: str, server_round: int, cid: int) -> torch.Generator:
+        return torch_generator(self.seed, purpose, server_round, cid)
+
+    # ------------------------------------------------------------------ handlers
+    def handle_train(self, msg: Message, context: Context) -> Message:
+        cid = client_id(context)
+        config = msg.content.config_records.get("config", ConfigRecord())
+        task = str(config.get("task", "train"))
+        handler: Callable[..., RecordDict] = TASKS.entry(task, field="task").factory
+        return Message(handler(self, cid, msg.content, context), reply_to=msg)
+
+    def handle_evaluate(self, msg: Message, context: Context) -> Message:
+        cid = client_id(context)
+        model = self.model()
+        load_numpy_state(model, to_numpy(msg.content.array_records["arrays"]))
+        t = self.tensors(cid)
+        loss, acc = evaluate(model, t.x_test, t.y_test)
+        metrics = {"num-examples": int(len(t.y_test)), "test_loss": loss, "test_accuracy": acc,
+                   "client-id": cid}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    def handle_query(self, msg: Message, context: Context) -> Message:
+        """Report this node's partition id (lets a server map Flower node ids to clients)."""
+        content = RecordDict({"metrics": MetricRecord({"client-id": client_id(context)})})
+        return Message(content, reply_to=msg)
+
+
+def client_id(context: Context) -> int:
+    """The client (partition) id of the node running this message."""
+    if PARTITION_ID_KEY not in context.node_config:
+        raise KeyError(f"node_config has no {PARTITION_ID_KEY!r}; start the SuperNode with "
+                       f"--node-config 'partition-id=<k>'")
+    return int(context.node_config[PARTITION_ID_KEY])
+
+
+@TASKS.register("train", doc="Local SGD from the broadcast model; reply with the local model.")
+def train_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Context) -> RecordDict:
+    """Load the global model in place, run local SGD, reply ``arrays`` + ``metrics``."""
+    config = content.config_records.get("config", ConfigRecord())
+    model = rt.model()
+    load_numpy_state(model, to_numpy(content.array_records["arrays"]))
+    t = rt.tensors(cid)
+    server_round = int(config.get("server-round", 0))
+    loss = local_sgd(model, t.x, t.y, rt.train_config(config), rt.generator("local-train", server_round, cid))
+    metrics = {"num-examples": int(len(t.y)), "train_loss": float(loss), "client-id": cid}
+    return RecordDict({"arrays": to_record(state_to_numpy(model)), "metrics": MetricRecord(metrics)})
+
+
+def make_client_app(config: Mapping[str, Any]) -> ClientApp:
+    """A Flower ClientApp for the run described by ``config`` (a ``RunConfig.model_dump()``)."""
+    runtime = ClientRuntime(config)
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return runtime.handle_train(msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return runtime.handle_evaluate(msg, context)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return runtime.handle_query(msg, context)
+
+    return app
+
+
+def num_params(arrays: ArrayRecord) -> int:
+    """Number of scalars in an ArrayRecord."""
+    return int(sum(np.prod(v.shape) for v in arrays.values()))

@@ -1,0 +1,253 @@
+"""One schema for a run: YAML config files and CLI overrides are validated against it.
+
+``load_config(path, overrides)`` merges (defaults ← YAML file ← ``--flag`` / ``key=value``
+overrides), validates types, ranges and names (strategy, dataset, partition, model, engine and their
+declared parameters), and raises :class:`fedagg.errors.ConfigError` naming the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedagg.errors import ConfigError, unknown_name
+
+ENGINES = ("ray", "flower", "inline")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ParticipationConfig(_Strict):
+    """Which clients are available each round (the environment, not the server's choice).
+
+    ``process``: ``always`` (every client every round), ``bernoulli``, ``markov``, ``cyclic``;
+    ``args``: the process's parameters (e.g. ``{a: 0.05}`` for markov, ``{period: 100}`` for cyclic);
+    ``probabilities``: how the per-client probabilities p_n are set (e.g. ``{kind: heterogeneous,
+    alpha: 0.1, mean: 0.1, floor: 0.02}``, ``{kind: constant, p: 0.1}``, ``{kind: explicit, p: [...]}``).
+    """
+
+    process: str = "always"
+    args: dict[str, Any] = Field(default_factory=dict)
+    probabilities: dict[str, Any] = Field(default_factory=lambda: {"kind": "heterogeneous"})
+
+
+class RayConfig(_Strict):
+    """Ray engine settings. ``address``: None starts a local Ray instance; ``auto`` or
+    ``HOST:PORT`` joins an existing cluster. ``num_workers``: actors hosting clients (default: one
+    per available CPU / ``cpus_per_worker``)."""
+
+    address: str | None = None
+    num_workers: int | None = Field(None, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class RunConfig(_Strict):
+    """Everything that defines a run. Field docs are in ``docs/quickstart.md``."""
+
+    strategy: str = "fedavg"
+    strategy_args: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(20, ge=1)
+    num_clients: int = Field(10, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)
+    # data
+    dataset: str = "mnist1d"
+    dataset_args: dict[str, Any] = Field(default_factory=dict)
+    partition: str = "iid"
+    alpha: float | None = Field(None, gt=0)
+    partition_args: dict[str, Any] = Field(default_factory=dict)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    # model and local training
+    model: str = "cnn"
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    local_steps: int = Field(5, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    # server
+    server_lr: float = Field(1.0, ge=0)
+    min_replies: int = Field(1, ge=0)
+    max_update_norm: float | None = Field(None, gt=0)
+    eval_every: int = Field(1, ge=1)
+    evaluate_clients: float = Field(0.0, ge=0, le=1)
+    # environment
+    participation: ParticipationConfig = Field(default_factory=ParticipationConfig)
+    attack: str | None = None
+    attack_args: dict[str, Any] = Field(default_factory=dict)
+    num_byzantine: int = Field(0, ge=0)
+    aggregator: str | None = None
+    # execution
+    engine: Literal["ray", "flower", "inline"] = "ray"
+    ray: RayConfig = Field(default_factory=RayConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    round_timeout: float | None = Field(None, gt=0)
+    checkpoint_every: int = Field(0, ge=0)
+    out: str | None = None
+
+    def run_dir(self) -> Path:
+        """``out``, or ``runs/<strategy>-<timestamp>`` when unset."""
+        if self.out:
+            return Path(self.out)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{self.strategy}-{stamp}"
+
+    def resolved_partition_args(self) -> dict[str, Any]:
+        """``partition_args`` with the ``alpha`` shortcut folded in."""
+        args = dict(self.partition_args)
+        if self.alpha is not None:
+            args["alpha"] = self.alpha
+        return args
+
+
+# ------------------------------------------------------------------------------ errors
+def _pydantic_error(exc: ValidationError, model: type[BaseModel] = RunConfig) -> ConfigError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        parent: Any = model
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            parent = field.annotation if field is not None else None
+        allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        return ConfigError(loc, f"unknown key; allowed: {', '.join(allowed)}")
+    if err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
+        return ConfigError(loc, f"invalid value {err.get('input')!r}; allowed: {err['ctx']['expected']}")
+    msg = err["msg"]
+    if "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return ConfigError(loc, msg)
+
+
+# ------------------------------------------------------------------------------ loading
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=3"`` → ``("a.b", 3)``; the value is parsed as a YAML scalar/list/mapping."""
+    if "=" not in text:
+        raise ConfigError(text, "overrides look like key=value (e.g. rounds=10 or participation.process=markov)")
+    key, raw = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    if not key:
+        raise ConfigError(text, "empty key in override")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b] = value`` for ``key = "a.b"``, creating mappings on the way."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is not a mapping; cannot set a sub-key")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (ConfigError on a missing file or bad YAML)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError("config", f"{p} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{p} must hold a mapping of keys to values")
+    return data
+
+
+def build_config(data: Mapping[str, Any]) -> RunConfig:
+    """Validate a config mapping (schema + names + cross-field rules)."""
+    try:
+        cfg = RunConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults ← YAML file at ``path`` ← ``overrides`` (dotted keys), validated."""
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    data = copy.deepcopy(data)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return build_config(data)
+
+
+# ------------------------------------------------------------------------------ semantic checks
+def validate(cfg: RunConfig) -> None:
+    """Cross-field and registry checks; raises ConfigError naming the key."""
+    import strategies
+    from fedagg.data import DATASETS, PARTITIONERS
+    from fedagg.models import MODELS
+
+    if cfg.clients_per_round is not None and cfg.clients_per_round > cfg.num_clients:
+        raise ConfigError(
+            "clients_per_round",
+            f"{cfg.clients_per_round} is more than num_clients={cfg.num_clients}",
+        )
+    entry = strategies.REGISTRY.entry(cfg.strategy, field="strategy")
+    clash = sorted(set(cfg.strategy_args) & strategies.COMMON_NAMES)
+    if clash:
+        raise ConfigError(f"strategy_args.{clash[0]}", f"set the top-level key `{clash[0]}` instead")
+    entry.resolve(strategy_params(cfg), where="strategy_args")
+    if not cfg.dataset.startswith("hf:") and cfg.dataset not in DATASETS:
+        raise unknown_name("dataset", cfg.dataset, [*DATASETS.names(), "hf:<name>"])
+    part = PARTITIONERS.entry(cfg.partition, field="partition")
+    if cfg.alpha is not None and part.param("alpha") is None:
+        users = [n for n in PARTITIONERS.names() if PARTITIONERS.entry(n).param("alpha")]
+        raise ConfigError("alpha", f"only used by partition {', '.join(users)}; partition is {cfg.partition!r}")
+    part.resolve(cfg.resolved_partition_args(), where="partition_args")
+    MODELS.entry(cfg.model, field="model").resolve(cfg.model_args, where="model_args")
+    if cfg.num_byzantine >= cfg.num_clients and cfg.num_byzantine > 0:
+        raise ConfigError("num_byzantine", f"must be < num_clients={cfg.num_clients}")
+    if cfg.attack is None and cfg.num_byzantine > 0:
+        raise ConfigError("attack", "num_byzantine > 0 needs an attack (e.g. --attack alie)")
+
+
+def strategy_params(cfg: RunConfig) -> dict[str, Any]:
+    """Keyword arguments for ``strategies.build(cfg.strategy, ...)``: common keys + strategy_args."""
+    import strategies
+
+    entry = strategies.REGISTRY.entry(cfg.strategy, field="strategy")
+    common = {
+        "num_clients": cfg.num_clients,
+        "clients_per_round": cfg.clients_per_round,
+        "seed": cfg.seed,
+        "server_lr": cfg.server_lr,
+        "min_replies": cfg.min_replies,
+        "max_update_norm": cfg.max_update_norm,
+    }
+    params = {k: v for k, v in common.items() if entry.param(k) is not None}
+    if cfg.aggregator is not None:
+        if entry.param("aggregator") is None:
+            raise ConfigError("aggregator", f"strategy {cfg.strategy!r} has no aggregator to choose")
+        params["aggregator"] = cfg.aggregator
+    params.update(cfg.strategy_args)
+    return params
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (every key, defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,285 @@
+"""Where client work runs: in this process (``inline``) or in Ray actors (``ray``).
+
+An executor receives :class:`Job` s (one instruction message for one virtual client) and returns
+:class:`JobResult` s (the ClientApp's reply). The ClientApp is the real ``flwr.clientapp.ClientApp``;
+an exception inside it becomes an error reply, as in Flower's own runtime.
+
+Ray executor design (see ``docs/architecture.md``):
+
+- a fixed pool of long-lived actors, each hosting *many* virtual clients: one ClientApp, one
+  :class:`~simulations.client_app.ClientRuntime`, so data partitions stay resident and one model
+  instance per worker is loaded in place for every client it runs;
+- the round's broadcast content (global weights + config) is put in the object store **once** and
+  every actor deserialises it once per round;
+- jobs are dispatched longest-expected-work first to the least-loaded actor, with at most
+  ``depth`` jobs queued per actor, so a slow client does not stall the others;
+- a crashed actor is replaced and its job answered with an error reply; after a timeout, actors still
+  busy are killed and replaced (their jobs count as timeouts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from simulations.engine.identity import DEFAULT_RUN_ID
+
+
+@dataclasses.dataclass
+class Job:
+    """One instruction message for virtual client ``client_id``."""
+
+    message_id: str
+    client_id: int
+    message: Message
+    state: RecordDict | None = None
+    work: float = 1.0
+
+
+@dataclasses.dataclass
+class JobResult:
+    """The reply to job ``message_id`` and the client's updated context state."""
+
+    message_id: str
+    client_id: int
+    reply: Message
+    state: RecordDict | None
+    seconds: float
+
+
+def client_context(client_id: int, num_clients: int, state: RecordDict | None,
+                   run_id: int = DEFAULT_RUN_ID) -> Context:
+    """The Flower Context of virtual client ``client_id`` (node id = client id)."""
+    return Context(
+        run_id=run_id, node_id=client_id,
+        node_config={"partition-id": client_id, "num-partitions": num_clients},
+        state=state if state is not None else RecordDict(), run_config={},
+    )
+
+
+def run_client(app: ClientApp, message: Message, client_id: int, num_clients: int,
+               state: RecordDict | None) -> tuple[Message, RecordDict | None, float]:
+    """Call the ClientApp; an exception becomes an error reply (like Flower's runtime)."""
+    ctx = client_context(client_id, num_clients, state)
+    t0 = time.perf_counter()
+    try:
+        reply = app(message, ctx)
+    except Exception as exc:  # noqa: BLE001 - any client failure becomes an error reply
+        reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+    seconds = time.perf_counter() - t0
+    new_state = ctx.state if len(ctx.state) else None
+    return reply, new_state, seconds
+
+
+class Executor(Protocol):
+    """Runs jobs; ``wait`` returns the results finished so far (blocking up to ``timeout``)."""
+
+    def submit(self, jobs: list[Job]) -> None: ...
+
+    def wait(self, timeout: float | None) -> list[JobResult]: ...
+
+    def poll(self) -> list[JobResult]: ...
+
+    def abandon(self) -> list[Job]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class InlineExecutor:
+    """Runs every job in this process, longest expected work first (debuggable, no Ray)."""
+
+    def __init__(self, app: ClientApp, num_clients: int, threads: int = 1) -> None:
+        self.app = app
+        self.num_clients = num_clients
+        self.threads = threads
+        self._queue: deque[Job] = deque()
+
+    def submit(self, jobs: list[Job]) -> None:
+        self._queue.extend(sorted(jobs, key=lambda j: -j.work))
+
+    def _run(self, job: Job) -> JobResult:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # as in a 1-CPU Ray worker: same floating-point results
+        try:
+            reply, state, secs = run_client(self.app, job.message, job.client_id, self.num_clients, job.state)
+        finally:
+            torch.set_num_threads(threads)
+        return JobResult(job.message_id, job.client_id, reply, state, secs)
+
+    def wait(self, timeout: float | None) -> list[JobResult]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = []
+        while self._queue and (deadline is None or time.monotonic() < deadline):
+            out.append(self._run(self._queue.popleft()))
+        return out
+
+    def poll(self) -> list[JobResult]:
+        return self.wait(None)
+
+    def abandon(self) -> list[Job]:
+        jobs = list(self._queue)
+        self._queue.clear()
+        return jobs
+
+    def shutdown(self) -> None:
+        self._queue.clear()
+
+
+# ----------------------------------------------------------------------------------------- Ray
+def _worker_class() -> Any:
+    import ray
+
+    @ray.remote
+    class ClientWorker:
+        """A Ray actor hosting many virtual clients of one run."""
+
+        def __init__(self, app: ClientApp, num_clients: int, threads: int) -> None:
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+            self.app = app
+            self.num_clients = num_clients
+            self._content: dict[str, RecordDict] = {}
+
+        def ready(self) -> bool:
+            return True
+
+        def run(self, metadata: Any, content_box: list[Any], client_id: int,
+                state: RecordDict | None) -> tuple[Message, RecordDict | None, float]:
+            ref = content_box[0]
+            key = ref.hex()
+            if key not in self._content:
+                if len(self._content) > 4:
+                    self._content.clear()
+                self._content[key] = ray.get(ref)
+            message = Message(content=self._content[key], metadata=metadata)
+            return run_client(self.app, message, client_id, self.num_clients, state)
+
+    return ClientWorker
+
+
+class RayExecutor:
+    """Runs jobs in a pool of Ray actors (see module docstring)."""
+
+    def __init__(self, app: ClientApp, num_clients: int, num_workers: int, *,
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, depth: int = 2,
+                 actor_options: dict[str, Any] | None = None) -> None:
+        import ray
+
+        self._ray = ray
+        self.app = app
+        self.num_clients = num_clients
+        self.depth = depth
+        cls = _worker_class()
+        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, **(actor_options or {})}
+        threads = max(1, int(cpus_per_worker))
+        self._make: Callable[[], Any] = lambda: cls.options(**options).remote(app, num_clients, threads)
+        self._app_ref = None
+        self.actors = [self._make() for _ in range(num_workers)]
+        ray.get([a.ready.remote() for a in self.actors])
+        self._queue: deque[Job] = deque()
+        self._inflight: dict[Any, tuple[int, Job]] = {}  # ObjectRef -> (actor index, job)
+        self._load = [0] * num_workers
+        self._content_refs: dict[int, Any] = {}
+
+    def submit(self, jobs: list[Job]) -> None:
+        for job in sorted(jobs, key=lambda j: -j.work):
+            key = id(job.message.content)
+            if key not in self._content_refs:
+                self._content_refs[key] = self._ray.put(job.message.content)
+            self._queue.append(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue:
+            idx = min(range(len(self.actors)), key=lambda i: (self._load[i], i))
+            if self._load[idx] >= self.depth:
+                return
+            job = self._queue.popleft()
+            ref = self._content_refs[id(job.message.content)]
+            fut = self.actors[idx].run.remote(job.message.metadata, [ref], job.client_id, job.state)
+            self._inflight[fut] = (idx, job)
+            self._load[idx] += 1
+
+    def _collect(self, ready: list[Any]) -> list[JobResult]:
+        out = []
+        for fut in ready:
+            idx, job = self._inflight.pop(fut)
+            self._load[idx] -= 1
+            try:
+                reply, state, secs = self._ray.get(fut)
+            except self._ray.exceptions.RayActorError as exc:
+                reason = f"Ray worker died while running client {job.client_id}: {exc}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                reply_to=job.message)
+                state, secs = job.state, 0.0
+                self._replace(idx)
+            except self._ray.exceptions.RayTaskError as exc:  # pragma: no cover - run_client catches
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
+                                reply_to=job.message)
+                state, secs = job.state, 0.0
+            out.append(JobResult(job.message_id, job.client_id, reply, state, secs))
+        if not self._queue and not self._inflight:
+            self._content_refs.clear()
+        return out
+
+    def _replace(self, idx: int) -> None:
+        """Kill actor ``idx`` (if alive) and start a fresh one; its other jobs are lost."""
+        try:
+            self._ray.kill(self.actors[idx], no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        self.actors[idx] = self._make()
+
+    def wait(self, timeout: float | None) -> list[JobResult]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[JobResult] = []
+        while self._inflight:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = self._ray.wait(list(self._inflight), num_returns=1, timeout=remaining)
+            if not ready:
+                break
+            more, _ = self._ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+            out.extend(self._collect(list(dict.fromkeys([*ready, *more]))))
+            self._pump()
+        return out
+
+    def poll(self) -> list[JobResult]:
+        if not self._inflight:
+            return []
+        ready, _ = self._ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+        out = self._collect(ready)
+        self._pump()
+        return out
+
+    def abandon(self) -> list[Job]:
+        """Drop queued jobs and kill actors still running a job (after a timeout)."""
+        dropped = list(self._queue)
+        self._queue.clear()
+        busy = sorted({idx for idx, _ in self._inflight.values()})
+        dropped += [job for _, job in self._inflight.values()]
+        self._inflight.clear()
+        for idx in busy:
+            self._replace(idx)
+            self._load[idx] = 0
+        self._content_refs.clear()
+        return dropped
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self.actors = []

@@ -1,0 +1,115 @@
+"""The environment of a federation: what the server does not control.
+
+``EnvironmentGrid`` wraps any Flower ``Grid`` (our ``SimGrid`` or the grid ``run_simulation`` hands a
+ServerApp) and adds, for every strategy alike:
+
+- **client ids as node ids** — strategies see node id == client (partition) id, on every engine, so
+  seeded client selection and per-client state (FedAU, MIFA, …) mean the same thing everywhere;
+- **availability** — each round ``get_node_ids()`` returns only the clients the participation process
+  makes available; stock Flower strategies sample among them, FedAU trains all of them;
+- **Byzantine clients** — a hook that sees the round's replies (and the broadcast model) and replaces
+  the Byzantine clients' updates before the strategy sees them (omniscient attacks);
+- **accounting** — messages sent, replies, errors and timeouts of the last exchange.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+#: ``available(round) -> client ids`` (sorted).
+AvailabilityFn = Callable[[int], Sequence[int]]
+#: ``corrupt(round, replies, broadcast) -> replies``: replaces Byzantine clients' replies.
+CorruptFn = Callable[[int, list[Message], RecordDict | None], list[Message]]
+
+
+@dataclasses.dataclass
+class ExchangeStats:
+    """What happened in the last ``send_and_receive``."""
+
+    sent: int = 0
+    replies: int = 0
+    errors: int = 0
+    timeouts: int = 0
+
+
+class EnvironmentGrid(Grid):
+    """A Grid view that applies availability, Byzantine replacement and id translation."""
+
+    def __init__(self, inner: Grid, num_clients: int, *, node_of_client: dict[int, int] | None = None,
+                 available: AvailabilityFn | None = None, corrupt: CorruptFn | None = None) -> None:
+        self.inner = inner
+        self.num_clients = num_clients
+        self._node_of = dict(node_of_client) if node_of_client else {c: c for c in range(num_clients)}
+        self._client_of = {n: c for c, n in self._node_of.items()}
+        self._available_fn = available
+        self._corrupt = corrupt
+        self.round = 0
+        self._available: list[int] = list(range(num_clients))
+        self.last_exchange = ExchangeStats()
+
+    # ------------------------------------------------------------------ rounds
+    def begin_round(self, server_round: int) -> list[int]:
+        """Enter ``server_round``: ask the participation process who is available."""
+        self.round = server_round
+        if self._available_fn is None:
+            self._available = list(range(self.num_clients))
+        else:
+            self._available = sorted(int(c) for c in self._available_fn(server_round))
+        return list(self._available)
+
+    # ------------------------------------------------------------------ Grid API
+    def set_run(self, run: object) -> None:
+        self.inner.set_run(run)  # type: ignore[arg-type]
+
+    @property
+    def run(self) -> object:  # type: ignore[override]
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._available)
+
+    def _to_inner(self, messages: Iterable[Message]) -> list[Message]:
+        out = []
+        for msg in messages:
+            cid = int(msg.metadata.dst_node_id)
+            if cid not in self._node_of:
+                raise ValueError(f"message for unknown client {cid}")
+            msg.metadata.dst_node_id = self._node_of[cid]
+            out.append(msg)
+        return out
+
+    def _from_inner(self, replies: Iterable[Message]) -> list[Message]:
+        out = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            msg.metadata.__dict__["_src_node_id"] = self._client_of.get(node, node)
+            out.append(msg)
+        return out
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(self._to_inner(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._from_inner(self.inner.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        msgs = list(messages)
+        broadcast = msgs[0].content if msgs else None
+        is_train = bool(msgs) and msgs[0].metadata.message_type == MessageType.TRAIN
+        replies = self._from_inner(self.inner.send_and_receive(self._to_inner(msgs), timeout=timeout))
+        self.last_exchange = ExchangeStats(
+            sent=len(msgs), replies=len(replies), errors=sum(m.has_error() for m in replies),
+            timeouts=len(msgs) - len(replies),
+        )
+        if is_train and self._corrupt is not None:
+            replies = self._corrupt(self.round, replies, broadcast)
+        return replies

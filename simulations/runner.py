@@ -1,0 +1,229 @@
+"""Run one simulation: environment + strategy + engine + results.
+
+:class:`Simulation` holds the server side of a run (strategy, environment, evaluation, results) and
+:meth:`Simulation.serve` is the round loop. The loop is the same for every engine: ``inline`` and
+``ray`` call it with our :class:`~simulations.engine.sim_grid.SimGrid`; ``flower`` calls it from a
+Flower ``ServerApp`` that ``flwr.simulation.run_simulation`` drives, with Flower's own grid.
+
+Random streams (all from ``seed``): the partition, then the participation probabilities and the
+availability process consume one ``RandomState(seed)`` in the IBM/fedau order; client selection,
+local training and attacks use generators keyed by ``(seed, purpose, round, client)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+import strategies
+from fedagg.data import FederatedData, load_federated
+from fedagg.participation import build_probabilities, build_process
+from fedagg.training import evaluate, load_numpy_state, state_to_numpy
+from simulations.byzantine import build_corruption
+from simulations.client_app import ClientRuntime, make_client_app
+from simulations.config import RunConfig, dump_yaml, strategy_params
+from simulations.environment import EnvironmentGrid
+from simulations.results import RunWriter
+from strategies.arrays import to_numpy, to_record
+
+log = logging.getLogger("fedagg")
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run returns (also on disk in ``run_dir``)."""
+
+    run_dir: Path
+    arrays: dict[str, np.ndarray]
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.summary["final_test_accuracy"])
+
+
+class Simulation:
+    """The server side of one run (see module docstring)."""
+
+    def __init__(self, cfg: RunConfig, *, overwrite: bool = False, progress: bool = False,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.cfg = cfg
+        self.config = cfg.model_dump(mode="json")
+        self.progress = progress
+        self.on_round = on_round
+        self.run_dir = cfg.run_dir()
+        self.config["out"] = str(self.run_dir)
+        RunWriter.check(self.run_dir, overwrite=overwrite)
+        stream = np.random.RandomState(cfg.seed % 2**32)
+        self.data: FederatedData = load_federated(
+            cfg.dataset, cfg.num_clients, cfg.seed, partition=cfg.partition,
+            partition_args=cfg.resolved_partition_args(), dataset_args=cfg.dataset_args,
+            test_fraction=cfg.test_fraction, rng=stream,
+        )
+        self.runtime = ClientRuntime(self.config)
+        self.runtime.set_data(self.data)
+        self.probabilities, self.participation = self._participation(stream)
+        self.strategy = strategies.build(cfg.strategy, **self._strategy_params())
+        self.corrupt = build_corruption(cfg)
+        self.test_x = torch.as_tensor(self.data.test.x, device=self.runtime.device)
+        self.test_y = torch.as_tensor(self.data.test.y, device=self.runtime.device)
+        # Everything above validated the input; only now does anything touch the disk.
+        self.writer = RunWriter(self.run_dir, overwrite=overwrite)
+        self.writer.write_config(dump_yaml(RunConfig.model_validate(self.config)))
+
+    # ------------------------------------------------------------------ set-up
+    def _participation(self, stream: np.random.RandomState) -> tuple[np.ndarray, Any]:
+        part = self.cfg.participation
+        n = self.cfg.num_clients
+        if part.process == "always":
+            return np.ones(n), None
+        p = build_probabilities(part.probabilities, n, histograms=self.data.label_histograms(), rng=stream)
+        return p, build_process(part.process, p, stream, first_round=1, **part.args)
+
+    def _strategy_params(self) -> dict[str, Any]:
+        params = strategy_params(self.cfg)
+        entry = strategies.REGISTRY.entry(self.cfg.strategy)
+        if entry.param("probabilities") is not None and "probabilities" not in params:
+            params["probabilities"] = self.probabilities.tolist()
+        return params
+
+    def available(self, server_round: int) -> list[int]:
+        """Clients available in ``server_round`` (all of them without a participation process)."""
+        if self.participation is None:
+            return list(range(self.cfg.num_clients))
+        return [int(c) for c in self.participation.available(server_round)]
+
+    def initial_arrays(self) -> ArrayRecord:
+        return to_record(state_to_numpy(self.runtime.model()))
+
+    def train_config(self) -> ConfigRecord:
+        c = self.cfg
+        return ConfigRecord({"lr": c.lr, "local-steps": c.local_steps, "batch-size": c.batch_size,
+                             "momentum": c.momentum, "weight-decay": c.weight_decay})
+
+    def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
+        """Server test loss and accuracy of the global model ``arrays``."""
+        model = self.runtime.model()
+        load_numpy_state(model, to_numpy(arrays), strict=False)
+        return evaluate(model, self.test_x, self.test_y)
+
+    # ------------------------------------------------------------------ the round loop
+    def serve(self, grid: Grid, node_of_client: dict[int, int] | None = None) -> ArrayRecord:
+        """Run all rounds on ``grid``; return the final global model."""
+        cfg = self.cfg
+        env = EnvironmentGrid(grid, cfg.num_clients, node_of_client=node_of_client,
+                              available=self.available, corrupt=self.corrupt)
+        arrays = self.initial_arrays()
+        loss, acc = self.evaluate(arrays)
+        self._log({"round": 0, "phase": "init", "clients": 0, "train_loss": float("nan"),
+                   "test_loss": loss, "test_accuracy": acc, "seconds": 0.0})
+        bar = _Progress(cfg.rounds, enabled=self.progress)
+        try:
+            for rnd in range(1, cfg.rounds + 1):
+                t0 = time.perf_counter()
+                available = env.begin_round(rnd)
+                messages = self.strategy.configure_train(rnd, arrays, self.train_config(), env)
+                replies = env.send_and_receive(messages, timeout=cfg.round_timeout)
+                new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+                if new_arrays is not None:
+                    arrays = new_arrays
+                row: dict[str, Any] = {"round": rnd, "phase": "train"}
+                extra = dict(metrics.items()) if metrics is not None else {}
+                row["clients"] = int(extra.pop("clients", env.last_exchange.replies))
+                row["train_loss"] = float(extra.pop("train_loss", float("nan")))
+                if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                    row["test_loss"], row["test_accuracy"] = self.evaluate(arrays)
+                else:
+                    row["test_loss"] = row["test_accuracy"] = float("nan")
+                if cfg.evaluate_clients > 0:
+                    row.update(self._federated_evaluate(rnd, arrays, env))
+                row["seconds"] = time.perf_counter() - t0
+                row.update({"available": len(available), "sent": env.last_exchange.sent,
+                            "timeouts": env.last_exchange.timeouts})
+                row.update(extra)
+                self._log(row)
+                bar.advance(rnd, row["test_accuracy"])
+        finally:
+            bar.close()
+        return arrays
+
+    def _federated_evaluate(self, rnd: int, arrays: ArrayRecord, env: EnvironmentGrid) -> dict[str, float]:
+        rng = np.random.default_rng([self.cfg.seed, rnd, 7])
+        ids = env.get_node_ids()
+        k = max(1, int(round(self.cfg.evaluate_clients * len(list(ids)))))
+        chosen = sorted(rng.choice(list(ids), size=min(k, len(list(ids))), replace=False).tolist())
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
+        msgs = [Message(content, int(c), MessageType.EVALUATE) for c in chosen]
+        replies = [m for m in env.send_and_receive(msgs, timeout=self.cfg.round_timeout) if not m.has_error()]
+        agg = strategies.base.mean_metrics(replies)
+        return {"client_test_loss": agg.get("test_loss", float("nan")),
+                "client_test_accuracy": agg.get("test_accuracy", float("nan"))}
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.writer.log_round(row)
+        if self.on_round is not None:
+            self.on_round(row)
+
+    # ------------------------------------------------------------------ engines
+    def run(self) -> RunResult:
+        """Run on the configured engine and write the results."""
+        t0 = time.perf_counter()
+        from simulations.engine import run_on_engine
+
+        arrays = run_on_engine(self)
+        final = to_numpy(arrays)
+        self.writer.write_model(final, metadata={"strategy": self.cfg.strategy, "seed": str(self.cfg.seed)})
+        rows = self.writer.rows
+        last = rows[-1]
+        summary = {
+            "strategy": self.cfg.strategy, "dataset": self.cfg.dataset, "seed": self.cfg.seed,
+            "engine": self.cfg.engine, "rounds": self.cfg.rounds, "num_clients": self.cfg.num_clients,
+            "final_test_accuracy": last["test_accuracy"], "final_test_loss": last["test_loss"],
+            "best_test_accuracy": max(r["test_accuracy"] for r in rows if r["test_accuracy"] == r["test_accuracy"]),
+            "wall_seconds": time.perf_counter() - t0,
+            "model_parameters": int(sum(v.size for v in final.values())),
+        }
+        self.writer.write_summary(summary)
+        return RunResult(self.run_dir, final, rows, summary)
+
+    def client_app(self) -> Any:
+        return make_client_app(self.config)
+
+
+class _Progress:
+    """A rich progress bar over rounds showing the latest accuracy (no-op when disabled)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+                                 TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task("rounds", total=total, acc="")
+
+    def advance(self, rnd: int, acc: float) -> None:
+        if self._bar is not None:
+            text = f"test acc {100 * acc:5.1f} %" if acc == acc else ""
+            self._bar.update(self._task, completed=rnd, acc=text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,27 @@
+"""Flower Message-API strategies backed by fedagg's math.
+
+``strategies.build(name, **params)`` returns a ``flwr.serverapp.strategy.Strategy``;
+``strategies.names()`` lists the registered names. Every strategy here works with any Flower
+``Grid`` (our Ray engine, ``run_simulation``, or a real deployment).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from strategies import baseline as _baseline  # noqa: F401  (registers fedavg + Flower built-ins)
+from strategies.registry import COMMON_NAMES, COMMON_PARAMS, REGISTRY
+
+__all__ = ["COMMON_NAMES", "COMMON_PARAMS", "REGISTRY", "build", "names"]
+
+
+def build(name: str, **params: Any) -> Strategy:
+    """Strategy ``name`` with validated ``params`` (see ``REGISTRY.entry(name).params``)."""
+    return REGISTRY.build(name, **params)
+
+
+def names() -> list[str]:
+    """Registered strategy names."""
+    return REGISTRY.names()

@@ -1,0 +1,317 @@
+"""What every fedagg strategy shares, as a mixin over Flower's Message-API strategies.
+
+- **Seeded selection.** Each round the strategy trains ``clients_per_round`` clients drawn, with a
+  generator keyed by ``(seed, "select", round)``, from the nodes the grid reports as available
+  (``None`` = all of them, as FedAU and its baselines need). Availability is the environment's
+  business: the grid's ``get_node_ids()`` returns only the clients that can take part this round.
+- **Deterministic reply order.** Replies are sorted by node id before aggregation, so float sums do
+  not depend on which client finished first.
+- **One validation step** (:func:`screen_replies`): error replies are counted as failures; replies
+  whose arrays do not match the broadcast model's names/shapes, are not floating point, contain
+  NaN/Inf, or whose update norm ``‖local − global‖`` exceeds ``max_update_norm`` are rejected and
+  logged with the client id. Only the rest reach the aggregation rule, so a non-finite update can
+  never reach the global model.
+- **Checkpointable state.** ``state_dict() -> dict[str, np.ndarray]`` / ``load_state_dict``.
+
+:class:`DeltaStrategy` adds the delta convention used by all of our own rules: a client update is
+``Δ_k = local_k − global`` (clients reply with their local model, like every Flower ClientApp; the
+strategy subtracts the model it broadcast), the rule maps the ``(n, d)`` matrix of deltas to one
+``(d,)`` aggregate, and the server applies ``global += server_lr · aggregate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from fedagg.rng import numpy_rng
+from strategies.arrays import Layout, to_numpy, to_record
+
+#: Metric keys that are bookkeeping, not quantities to average.
+NON_METRIC_KEYS = frozenset({"num-examples", "client-id"})
+
+
+class _SelectedNodes(Grid):
+    """A view of ``grid`` whose ``get_node_ids()`` is a fixed selection."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._ids = list(node_ids)
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover - delegation
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:  # pragma: no cover - delegation
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:  # pragma: no cover
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:  # pragma: no cover
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@dataclasses.dataclass
+class ScreenReport:
+    """Outcome of the validation step for one round."""
+
+    accepted: list[Message]
+    failures: int = 0
+    rejected: int = 0
+    rejected_ids: list[int] = dataclasses.field(default_factory=list)
+
+    def metrics(self) -> dict[str, int]:
+        return {"clients": len(self.accepted), "failures": self.failures, "rejected": self.rejected}
+
+
+def update_problem(
+    local: dict[str, np.ndarray], layout: Layout, global_flat: np.ndarray | None,
+    max_update_norm: float | None,
+) -> str | None:
+    """Why a client's local model is unusable (names/shapes, dtype, non-finite, norm), or None."""
+    why = layout.mismatch(local)
+    if why is not None:
+        return why
+    for name, arr in local.items():
+        if not np.issubdtype(np.asarray(arr).dtype, np.floating):
+            return f"tensor {name!r} has dtype {np.asarray(arr).dtype}, expected floating point"
+        if not np.all(np.isfinite(arr)):
+            return f"tensor {name!r} contains NaN or Inf"
+    if max_update_norm is not None and global_flat is not None:
+        norm = float(np.linalg.norm(layout.flatten(local) - global_flat))
+        if not np.isfinite(norm) or norm > max_update_norm:
+            return f"update norm {norm:.3g} exceeds max_update_norm={max_update_norm:.3g}"
+    return None
+
+
+def reply_client_id(msg: Message) -> int:
+    """The client id of a reply (its source node id)."""
+    return int(msg.metadata.src_node_id)
+
+
+def reply_num_examples(msg: Message) -> float:
+    """``num-examples`` from the reply's (first) MetricRecord; 0 if absent."""
+    for rec in msg.content.metric_records.values():
+        if "num-examples" in rec:
+            return float(rec["num-examples"])  # type: ignore[arg-type]
+    return 0.0
+
+
+def mean_metrics(replies: Sequence[Message]) -> dict[str, float]:
+    """Example-weighted mean of every scalar metric the replies report (NaN values skipped)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for msg in replies:
+        w = max(reply_num_examples(msg), 0.0) or 1.0
+        for rec in msg.content.metric_records.values():
+            for key, val in rec.items():
+                if key in NON_METRIC_KEYS or isinstance(val, list):
+                    continue
+                v = float(val)  # type: ignore[arg-type]
+                if np.isfinite(v):
+                    sums[key] = sums.get(key, 0.0) + w * v
+                    weights[key] = weights.get(key, 0.0) + w
+    return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+
+
+class FedaggStrategy:
+    """Mixin for Flower strategies (put it first in the bases): see the module docstring.
+
+    Parameters
+    ----------
+    clients_per_round : int or None (default: None)
+        Clients trained per round, drawn among the available ones; None trains all available.
+    seed : int (default: 0)
+        Seed of the selection stream.
+    min_replies : int (default: 1)
+        Fewer accepted replies than this leave the global model unchanged for the round.
+    max_update_norm : float or None (default: None)
+        Reject updates with ``‖local − global‖₂`` above this (None: no norm bound).
+    """
+
+    arrayrecord_key: str
+    configrecord_key: str
+
+    def __init__(self, *, clients_per_round: int | None = None, seed: int = 0, min_replies: int = 1,
+                 max_update_norm: float | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("fraction_train", 1.0)
+        kwargs.setdefault("min_train_nodes", 1)
+        kwargs.setdefault("min_available_nodes", 1)
+        evaluate_fraction = kwargs.pop("fraction_evaluate", 0.0)
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+        # Federated evaluation is off unless asked for (set after Flower's __init__, which warns
+        # about a zero fraction); the server evaluates the global model on its own test set.
+        self.fraction_evaluate = evaluate_fraction
+        if evaluate_fraction == 0.0:
+            self.min_evaluate_nodes = 0
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.min_replies = min_replies
+        self.max_update_norm = max_update_norm
+        self.current_global: ArrayRecord | None = None
+        self.last_report: ScreenReport | None = None
+
+    # ------------------------------------------------------------------ selection
+    def select_clients(self, server_round: int, grid: Grid) -> list[int]:
+        """Sorted node ids to train this round (seeded draw among the available nodes)."""
+        available = sorted(int(n) for n in grid.get_node_ids())
+        k = self.clients_per_round
+        if k is None or k >= len(available):
+            return available
+        rng = numpy_rng(self.seed, "select", server_round)
+        return sorted(int(i) for i in rng.choice(available, size=k, replace=False))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current_global = arrays
+        selected = self.select_clients(server_round, grid)
+        if not selected:
+            log(INFO, "configure_train: no client available in round %d", server_round)
+            return []
+        return super().configure_train(  # type: ignore[misc]
+            server_round, arrays, config, _SelectedNodes(grid, selected)
+        )
+
+    # ------------------------------------------------------------------ validation
+    def screen_replies(self, server_round: int, replies: Iterable[Message]) -> ScreenReport:
+        """Sort replies by node id, drop failed ones, reject unusable updates (logged)."""
+        ordered = sorted(replies, key=lambda m: int(m.metadata.src_node_id))
+        report = ScreenReport(accepted=[])
+        layout = Layout.of(self.current_global) if self.current_global is not None else None
+        global_flat = None
+        if layout is not None and self.max_update_norm is not None:
+            global_flat = layout.flatten(to_numpy(self.current_global))  # type: ignore[arg-type]
+        for msg in ordered:
+            cid = reply_client_id(msg)
+            if msg.has_error():
+                report.failures += 1
+                log(WARNING, "round %d: client %d failed: %s", server_round, cid, msg.error.reason)
+                continue
+            why = self.reply_problem(msg, layout, global_flat)
+            if why is not None:
+                report.rejected += 1
+                report.rejected_ids.append(cid)
+                log(WARNING, "round %d: rejected update from client %d: %s", server_round, cid, why)
+                continue
+            report.accepted.append(msg)
+        return report
+
+    def reply_problem(self, msg: Message, layout: Layout | None,
+                      global_flat: np.ndarray | None) -> str | None:
+        """Why reply ``msg`` cannot be aggregated, or None. Override to check extra records."""
+        content = msg.content
+        if self.arrayrecord_key not in content.array_records:
+            return f"no ArrayRecord under {self.arrayrecord_key!r}"
+        if len(content.metric_records) != 1:
+            return "expected exactly one MetricRecord"
+        if layout is None:
+            return None
+        try:
+            local = to_numpy(content.array_records[self.arrayrecord_key])
+        except Exception as exc:  # malformed bytes
+            return f"unreadable arrays ({exc})"
+        return update_problem(local, layout, global_flat, self.max_update_norm)
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = self.screen_replies(server_round, replies)
+        self.last_report = report
+        if len(report.accepted) < max(self.min_replies, 1):
+            log(WARNING, "round %d: %d usable replies (< min_replies=%d); global model kept",
+                server_round, len(report.accepted), self.min_replies)
+            return None, MetricRecord(report.metrics())
+        arrays, metrics = self.aggregate_accepted(server_round, report.accepted)
+        out = MetricRecord(dict(metrics.items()) if metrics is not None else {})
+        for k, v in report.metrics().items():
+            out[k] = v
+        return arrays, out
+
+    def aggregate_accepted(self, server_round: int, replies: list[Message]
+                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate validated replies; default: the wrapped Flower strategy's rule."""
+        arrays, _ = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        return arrays, MetricRecord(mean_metrics(replies))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Strategy state to checkpoint (flat dict of arrays). Stateless by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict` output."""
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state keys {sorted(state)}")
+
+
+class DeltaStrategy(FedaggStrategy, FedAvg):
+    """Base of our own rules: ``global += server_lr · aggregate_deltas(Δ)`` with ``Δ = local − global``.
+
+    Subclasses override :meth:`aggregate_deltas`. The default is FedAvg (McMahan et al. 2017,
+    arXiv 1602.05629): the example-weighted mean of the deltas.
+
+    Parameters
+    ----------
+    server_lr : float (default: 1.0)
+        Global learning rate η.
+    **kwargs
+        :class:`FedaggStrategy` and Flower ``FedAvg`` parameters.
+    """
+
+    def __init__(self, *, server_lr: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server_lr = server_lr
+
+    def aggregate_deltas(self, server_round: int, deltas: np.ndarray, num_examples: np.ndarray,
+                         client_ids: list[int]) -> np.ndarray:
+        """Map ``deltas: (n, d)`` (float64) to the aggregate ``(d,)``. Default: weighted mean."""
+        total = num_examples.sum()
+        w = num_examples / total if total > 0 else np.full(len(deltas), 1.0 / len(deltas))
+        return w @ deltas
+
+    def aggregate_accepted(self, server_round: int, replies: list[Message]
+                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self.current_global is not None, "configure_train must run before aggregate_train"
+        layout = Layout.of(self.current_global)
+        g = layout.flatten(to_numpy(self.current_global))
+        deltas = np.stack([
+            layout.flatten(to_numpy(m.content.array_records[self.arrayrecord_key])) for m in replies
+        ]) - g
+        n_ex = np.array([reply_num_examples(m) for m in replies], dtype=np.float64)
+        ids = [reply_client_id(m) for m in replies]
+        agg = np.asarray(self.aggregate_deltas(server_round, deltas, n_ex, ids), dtype=np.float64)
+        metrics = mean_metrics(replies)
+        metrics.update(self.round_metrics())
+        if agg.shape != g.shape or not np.all(np.isfinite(agg)):
+            log(WARNING, "round %d: aggregate is not finite; global model kept", server_round)
+            metrics["aggregate_nonfinite"] = 1
+            return None, MetricRecord(metrics)
+        return to_record(layout.unflatten(g + self.server_lr * agg)), MetricRecord(metrics)
+
+    def round_metrics(self) -> dict[str, float]:
+        """Strategy-specific scalars for this round's metrics row (e.g. weight statistics)."""
+        return {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: server_lr=%s, clients_per_round=%s, seed=%d",
+            type(self).__name__, self.server_lr, self.clients_per_round, self.seed)

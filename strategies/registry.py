@@ -1,0 +1,31 @@
+"""The strategy registry: CLI name == registry key == docs page name.
+
+Every entry's factory accepts the run-level parameters in :data:`COMMON_PARAMS` (filled by the
+runner from the top-level config) plus its own declared knobs (``strategy_args`` in a config).
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import Strategy
+
+from fedagg.registry import Param, Registry
+
+REGISTRY: Registry[Strategy] = Registry("strategy")
+
+#: Run-level parameters every strategy accepts; the runner fills them from the top-level config.
+COMMON_PARAMS: tuple[Param, ...] = (
+    Param("num_clients", int, 10, "total client population N", low=1),
+    Param("clients_per_round", int, None, "clients trained per round among the available (null: all)",
+          low=1, nullable=True),
+    Param("seed", int, 0, "seed of the client-selection stream"),
+    Param("server_lr", float, 1.0, "global learning rate η: global += η · aggregate", low=0.0),
+    Param("min_replies", int, 1, "fewer usable replies than this keep the global model", low=0),
+    Param("max_update_norm", float, None, "reject updates with ‖local − global‖ above this",
+          low=0.0, low_open=True, nullable=True),
+)
+COMMON_NAMES = frozenset(p.name for p in COMMON_PARAMS)
+
+
+def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), doc: str = ""):
+    """Register a strategy factory under ``name`` with the common params plus ``params``."""
+    return REGISTRY.register(name, params=[*COMMON_PARAMS, *params], doc=doc)
