@@ -104,14 +104,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss_sum / len(y), correct / len(y)
 
 
+def federated_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that travel between server and clients.
+
+    A model may define ``federated_state_dict()`` to send only part of itself (e.g. FedIns sends
+    its SSF pool, not the frozen backbone); otherwise its whole ``state_dict()`` travels.
+    """
+    fn = getattr(model, "federated_state_dict", None)
+    return fn() if callable(fn) else model.state_dict()
+
+
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's ``state_dict`` as numpy arrays (copies), in registration order."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    """The model's federated state (see :func:`federated_state`) as numpy copies, in order."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in federated_state(model).items()}
 
 
 def load_numpy_state(model: nn.Module, arrays: Mapping[str, np.ndarray], strict: bool = True) -> None:
-    """Copy ``arrays`` into the model's tensors in place (no new model, no new tensors)."""
-    state = model.state_dict()
+    """Copy ``arrays`` into the model's (federated) tensors in place (no new tensors)."""
+    state = federated_state(model)
     if strict and set(arrays) != set(state):
         missing, extra = set(state) - set(arrays), set(arrays) - set(state)
         raise KeyError(f"state mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}")

@@ -143,6 +143,7 @@ class ClientRuntime:
         cid = client_id(context)
         config = msg.content.config_records.get("config", ConfigRecord())
         task = str(config.get("task", "train"))
+        _register_family_tasks()
         handler: Callable[..., RecordDict] = TASKS.entry(task, field="task").factory
         return Message(handler(self, cid, msg.content, context), reply_to=msg)
 
@@ -183,8 +184,13 @@ def train_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Contex
     return RecordDict({"arrays": to_record(state_to_numpy(model)), "metrics": MetricRecord(metrics)})
 
 
+def _register_family_tasks() -> None:
+    import simulations.tasks  # noqa: F401  (registers fisher, fedins, ... into TASKS)
+
+
 def make_client_app(config: Mapping[str, Any]) -> ClientApp:
     """A Flower ClientApp for the run described by ``config`` (a ``RunConfig.model_dump()``)."""
+    _register_family_tasks()
     runtime = ClientRuntime(config)
     app = ClientApp()
 

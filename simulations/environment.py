@@ -28,12 +28,19 @@ CorruptFn = Callable[[int, list[Message], RecordDict | None], list[Message]]
 
 @dataclasses.dataclass
 class ExchangeStats:
-    """What happened in the last ``send_and_receive``."""
+    """What happened in the last ``send_and_receive`` (bytes count array payloads only)."""
 
     sent: int = 0
     replies: int = 0
     errors: int = 0
     timeouts: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (all its ArrayRecords)."""
+    return int(sum(len(a.data) for rec in content.array_records.values() for a in rec.values()))
 
 
 class EnvironmentGrid(Grid):
@@ -109,6 +116,8 @@ class EnvironmentGrid(Grid):
         self.last_exchange = ExchangeStats(
             sent=len(msgs), replies=len(replies), errors=sum(m.has_error() for m in replies),
             timeouts=len(msgs) - len(replies),
+            bytes_down=sum(payload_bytes(m.content) for m in msgs),
+            bytes_up=sum(payload_bytes(m.content) for m in replies if m.has_content()),
         )
         if is_train and self._corrupt is not None:
             replies = self._corrupt(self.round, replies, broadcast)

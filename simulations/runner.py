@@ -32,7 +32,7 @@ from simulations.byzantine import build_corruption
 from simulations.client_app import ClientRuntime, make_client_app
 from simulations.config import RunConfig, dump_yaml, strategy_params
 from simulations.environment import EnvironmentGrid
-from simulations.results import RunWriter
+from simulations.results import RunWriter, save_arrays
 from strategies.arrays import to_numpy, to_record
 
 log = logging.getLogger("fedagg")
@@ -91,11 +91,22 @@ class Simulation:
         return p, build_process(part.process, p, stream, first_round=1, **part.args)
 
     def _strategy_params(self) -> dict[str, Any]:
+        """Config-derived parameters plus what the environment offers to strategies that ask:
+        ``probabilities`` (true p_n, for the known-p baseline) and ``validation`` (a server-side
+        validation split, for soups)."""
         params = strategy_params(self.cfg)
         entry = strategies.REGISTRY.entry(self.cfg.strategy)
         if entry.param("probabilities") is not None and "probabilities" not in params:
             params["probabilities"] = self.probabilities.tolist()
+        if entry.param("validation") is not None:
+            params["validation"] = self.validation()
         return params
+
+    def validation(self) -> ServerValidation:
+        """Server validation data: the union of the clients' held-out parts (never the test set)."""
+        idx = np.concatenate([np.asarray(t, dtype=np.int64) for t in self.data.client_test])
+        val = self.data.pool.subset(np.sort(idx))
+        return ServerValidation(val.x, val.y, self.runtime)
 
     def available(self, server_round: int) -> list[int]:
         """Clients available in ``server_round`` (all of them without a participation process)."""
@@ -148,8 +159,9 @@ class Simulation:
                 if cfg.evaluate_clients > 0:
                     row.update(self._federated_evaluate(rnd, arrays, env))
                 row["seconds"] = time.perf_counter() - t0
-                row.update({"available": len(available), "sent": env.last_exchange.sent,
-                            "timeouts": env.last_exchange.timeouts})
+                ex = env.last_exchange
+                row.update({"available": len(available), "sent": ex.sent, "timeouts": ex.timeouts,
+                            "bytes_down": ex.bytes_down, "bytes_up": ex.bytes_up})
                 row.update(extra)
                 self._log(row)
                 bar.advance(rnd, row["test_accuracy"])
@@ -183,6 +195,10 @@ class Simulation:
         arrays = run_on_engine(self)
         final = to_numpy(arrays)
         self.writer.write_model(final, metadata={"strategy": self.cfg.strategy, "seed": str(self.cfg.seed)})
+        state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
+        if state:
+            save_arrays(self.run_dir / "strategy_state.safetensors",
+                        {k: np.asarray(v) for k, v in state.items()})
         rows = self.writer.rows
         last = rows[-1]
         summary = {
@@ -198,6 +214,36 @@ class Simulation:
 
     def client_app(self) -> Any:
         return make_client_app(self.config)
+
+
+@dataclasses.dataclass
+class ServerValidation:
+    """A server-held validation split and how to score a global model on it.
+
+    ``x: (n, ...)``, ``y: (n,)`` numpy arrays; ``score(arrays)`` → accuracy in [0, 1] and
+    ``loss(arrays)`` → mean cross-entropy of the model with federated state ``arrays``;
+    ``model()`` is the server's model instance (load weights with
+    :func:`fedagg.training.load_numpy_state`).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    runtime: ClientRuntime
+
+    def model(self) -> torch.nn.Module:
+        return self.runtime.model()
+
+    def _eval(self, arrays: dict[str, np.ndarray]) -> tuple[float, float]:
+        model = self.runtime.model()
+        load_numpy_state(model, arrays, strict=False)
+        dev = self.runtime.device
+        return evaluate(model, torch.as_tensor(self.x, device=dev), torch.as_tensor(self.y, device=dev))
+
+    def score(self, arrays: dict[str, np.ndarray]) -> float:
+        return self._eval(arrays)[1]
+
+    def loss(self, arrays: dict[str, np.ndarray]) -> float:
+        return self._eval(arrays)[0]
 
 
 class _Progress:

@@ -11,7 +11,12 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from strategies import baseline as _baseline  # noqa: F401  (registers fedavg + Flower built-ins)
+# Importing a family module registers its strategies (one module per family).
+from strategies import baseline as _baseline  # noqa: F401
+from strategies import fedau as _fedau  # noqa: F401
+from strategies import fedins as _fedins  # noqa: F401
+from strategies import merging as _merging  # noqa: F401
+from strategies import robust as _robust  # noqa: F401
 from strategies.registry import COMMON_NAMES, COMMON_PARAMS, REGISTRY
 
 __all__ = ["COMMON_NAMES", "COMMON_PARAMS", "REGISTRY", "build", "names"]

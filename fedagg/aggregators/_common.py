@@ -157,7 +157,8 @@ def check_weights(
 
 def gram(X: np.ndarray) -> np.ndarray:
     """``X Xᵀ`` ``(n, n)`` computed in the dtype of ``X`` (one BLAS call), returned as float64."""
-    return np.asarray(X @ X.T, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are handled by callers
+        return np.asarray(X @ X.T, dtype=np.float64)
 
 
 def finite_rows(G: np.ndarray) -> np.ndarray:

@@ -222,7 +222,8 @@ class FlagAggregator(Aggregator):
             state: tuple[str, Any] = ("span", C)
         else:
             raw, T = basis
-            K = np.asarray(X @ raw, dtype=np.float64)  # (p, r) = X Raw
+            with np.errstate(invalid="ignore", over="ignore"):
+                K = np.asarray(X @ raw, dtype=np.float64)  # (p, r) = X Raw
             K[inv == 0.0] = 0.0
             W = T.T @ (K * inv[:, None]).T
             state = ("raw", (raw, T))

@@ -12,8 +12,9 @@ variant      squared   neighbours k     Multi-Krum m    reproduces
 ``garfield`` no        n − f − 1        n − f − 2       Garfield / FlagAggregator ``krum``
 ============ ========= ================ =============== =========================================
 
-``squared``, ``offset`` (k = n − f − offset) and ``m`` override the preset. All variants require
-``n > 2f + 2``.
+``squared``, ``offset`` (k = n − f − offset) and ``m`` override the preset. ``paper`` and
+``garfield`` require ``n > 2f + 2`` (the paper's condition); ``byzfl``, like ByzFL, only requires
+``k ≥ 1`` neighbours.
 """
 
 from __future__ import annotations
@@ -103,11 +104,15 @@ class _KrumBase(Aggregator):
     def order(self, X: np.ndarray) -> np.ndarray:
         """Row indices ``(n,)`` sorted by increasing Krum score (stable: ties keep row order)."""
         n, f = X.shape[0], self.f
-        if n <= 2 * f + 2:
+        squared, offset = self._conv()
+        if n <= 2 * f + 2 and self.variant != "byzfl":
             raise infeasible(
                 self.name, f"{self.name} needs n > 2f + 2 (Blanchard et al. 2017); got n={n}, f={f}"
             )
-        squared, offset = self._conv()
+        if n - f - offset < 1:
+            raise infeasible(
+                self.name, f"{self.name} needs k = n − f − {offset} ≥ 1 neighbours; got n={n}, f={f}"
+            )
         D = sq_distances(gram(X))
         if not squared:
             D = np.sqrt(D)

@@ -175,7 +175,8 @@ class Clipping(PreAggregator):
         ok = np.isfinite(norms)
         scale = np.where(norms > self.tau, self.tau / np.where(norms > 0, norms, 1.0), 1.0)
         scale = np.where(ok, scale, 0.0)
-        Y = X * scale[:, None].astype(X.dtype)
+        with np.errstate(invalid="ignore"):
+            Y = X * scale[:, None].astype(X.dtype)
         if not ok.all():
             Y[~ok] = 0.0
         return Y, w

@@ -1,0 +1,1 @@
+"""Client tasks of the merging family."""

@@ -1,0 +1,1 @@
+"""fedau strategies (filled in by the fedau issue)."""

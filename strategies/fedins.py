@@ -1,0 +1,1 @@
+"""fedins strategies (filled in by the fedins issue)."""

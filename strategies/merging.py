@@ -1,0 +1,1 @@
+"""merging strategies (filled in by the merging issue)."""

@@ -1,0 +1,1 @@
+"""robust strategies (filled in by the robust issue)."""
