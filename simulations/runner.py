@@ -122,6 +122,13 @@ class Simulation:
         return ConfigRecord({"lr": c.lr, "local-steps": c.local_steps, "batch-size": c.batch_size,
                              "momentum": c.momentum, "weight-decay": c.weight_decay})
 
+    def reported(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model the server evaluates and saves: ``strategy.server_model(arrays)`` for a
+        strategy that reports another model than the one it broadcasts (temporal-soup reports its
+        running mean of globals), else the global model ``arrays`` itself."""
+        fn = getattr(self.strategy, "server_model", None)
+        return fn(arrays) if callable(fn) else arrays
+
     def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
         """Server test loss and accuracy of the global model ``arrays``."""
         model = self.runtime.model()
@@ -135,7 +142,7 @@ class Simulation:
         env = EnvironmentGrid(grid, cfg.num_clients, node_of_client=node_of_client,
                               available=self.available, corrupt=self.corrupt)
         arrays = self.initial_arrays()
-        loss, acc = self.evaluate(arrays)
+        loss, acc = self.evaluate(self.reported(arrays))
         self._log({"round": 0, "phase": "init", "clients": 0, "train_loss": float("nan"),
                    "test_loss": loss, "test_accuracy": acc, "seconds": 0.0})
         bar = _Progress(cfg.rounds, enabled=self.progress)
@@ -153,7 +160,7 @@ class Simulation:
                 row["clients"] = int(extra.pop("clients", env.last_exchange.replies))
                 row["train_loss"] = float(extra.pop("train_loss", float("nan")))
                 if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-                    row["test_loss"], row["test_accuracy"] = self.evaluate(arrays)
+                    row["test_loss"], row["test_accuracy"] = self.evaluate(self.reported(arrays))
                 else:
                     row["test_loss"] = row["test_accuracy"] = float("nan")
                 if cfg.evaluate_clients > 0:
@@ -193,7 +200,7 @@ class Simulation:
         from simulations.engine import run_on_engine
 
         arrays = run_on_engine(self)
-        final = to_numpy(arrays)
+        final = to_numpy(self.reported(arrays))
         self.writer.write_model(final, metadata={"strategy": self.cfg.strategy, "seed": str(self.cfg.seed)})
         state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
         if state:

@@ -95,7 +95,7 @@ def declared_params(name: str) -> dict[str, Param]:
     return out
 
 
-def build(name: str, /, **params: Any) -> Any:
+def build(name: str, /, **params: Any) -> Aggregator | PreAggregator:
     """Build a rule, a pre-aggregator, or a ``+``-chain of pre-aggregators ending in a rule.
 
     Returns a callable ``rule(updates: (n, d), weights=None) -> (d,)`` (a pre-aggregator alone
@@ -109,7 +109,7 @@ def build(name: str, /, **params: Any) -> Any:
     entries = [REGISTRY.entry(s, field="aggregator") for s in stages]
     if len(stages) == 1:
         entry = entries[0]
-        return entry.factory(**entry.resolve(params, where=name))
+        return entry.factory(**entry.resolve(params, where=name))  # type: ignore[no-any-return]
     for entry in entries[:-1]:
         if not issubclass(entry.factory, PreAggregator):  # type: ignore[arg-type]
             raise ConfigError(

@@ -278,8 +278,8 @@ class Aggregator:
         raise NotImplementedError
 
     # explicit state (only stateful rules override)
-    def state_dict(self) -> dict[str, Any]:
-        """State to checkpoint (empty for stateless rules)."""
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """State to checkpoint: a flat ``{key: numpy array}`` dict (empty for stateless rules)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -322,7 +322,7 @@ class PreAggregator:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, np.ndarray]:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -28,9 +28,9 @@ class CenteredClipping(Aggregator):
     ``tau=100, iterations=1`` follow epfml, ByzFL ``CenteredClipping()`` and FLPoison
     (fedlib/Blades use τ = 5, L = 5).
 
-    The state lives in the object: :meth:`state_dict` returns ``{"v": (d,) array or None}`` and
-    :meth:`load_state_dict` restores it, so a checkpoint can resume the same sequence of outputs;
-    :meth:`reset` forgets it. Rows with ±inf/NaN are given a zero clipped difference (as if
+    The state lives in the object: :meth:`state_dict` returns ``{"v": (d,) array}`` (``{}`` before
+    the first call) and :meth:`load_state_dict` restores it, so a checkpoint can resume the same
+    sequence of outputs; :meth:`reset` forgets it. Rows with ±inf/NaN are given a zero clipped difference (as if
     ``x_i = v``), so the output stays finite. ``(n, d) -> (d,)``; weights supported.
 
     Example
@@ -56,12 +56,12 @@ class CenteredClipping(Aggregator):
         self.v: np.ndarray | None = None
 
     # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """``{"v": copy of the momentum (d,) or None}``."""
-        return {"v": None if self.v is None else self.v.copy()}
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``{"v": copy of the momentum (d,)}``, or ``{}`` before the first call."""
+        return {} if self.v is None else {"v": self.v.copy()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``v`` from :meth:`state_dict` (numpy or torch, or None)."""
+        """Restore ``v`` from :meth:`state_dict` (numpy or torch; ``{}`` or None resets)."""
         unknown = set(state) - {"v"}
         if unknown:
             raise ValueError(f"centered-clipping: unknown state keys {sorted(unknown)}")

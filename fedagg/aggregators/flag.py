@@ -266,7 +266,8 @@ class FlagAggregator(Aggregator):
     # -- straightforward path -----------------------------------------------------------------
     def _svd_path(self, X: np.ndarray, inv: np.ndarray, m: int) -> np.ndarray:
         p, d = X.shape
-        Xh = np.where(inv[:, None] > 0, X * inv[:, None].astype(X.dtype), 0).T  # (d, p)
+        with np.errstate(invalid="ignore"):
+            Xh = np.where(inv[:, None] > 0, X * inv[:, None].astype(X.dtype), 0).T  # (d, p)
         Xh = np.asarray(Xh, dtype=np.float64)
         basis = self._initial_basis(d, m, np.dtype(np.float64))
         if basis is None:

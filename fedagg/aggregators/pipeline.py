@@ -49,21 +49,25 @@ class Pipeline(Aggregator):
     def _key(self, i: int) -> str:
         return f"{i}:{self.stages[i].name}"
 
-    def state_dict(self) -> dict[str, Any]:
-        out = {}
-        for i, stage in enumerate(self.stages):
-            st = stage.state_dict()
-            if st:
-                out[self._key(i)] = st
-        return out
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Flat ``{"<i>:<stage>.<key>": array}`` over the stateful stages."""
+        return {
+            f"{self._key(i)}.{k}": v
+            for i, stage in enumerate(self.stages)
+            for k, v in stage.state_dict().items()
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        keys = {self._key(i): s for i, s in enumerate(self.stages)}
-        unknown = set(state) - set(keys)
-        if unknown:
-            raise ValueError(f"pipeline: unknown state keys {sorted(unknown)}")
-        for key, st in state.items():
-            keys[key].load_state_dict(st)
+        stages = {self._key(i): s for i, s in enumerate(self.stages)}
+        grouped: dict[str, dict[str, Any]] = {k: {} for k in stages}
+        for key, value in state.items():
+            prefix, _, sub = key.partition(".")
+            if prefix not in stages or not sub:
+                raise ValueError(f"pipeline: unknown state key {key!r}")
+            grouped[prefix][sub] = value
+        for prefix, st in grouped.items():
+            if st or stages[prefix].state_dict():
+                stages[prefix].load_state_dict(st)
 
     def hparams(self) -> dict[str, Any]:
         return {s.name: s.hparams() for s in self.stages}

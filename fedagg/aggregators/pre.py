@@ -6,6 +6,7 @@ They are meant to be chained before a final rule by name, e.g. ``build("nnm+trim
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -110,12 +111,16 @@ class Bucketing(PreAggregator):
         self.seed = int(seed)
         self.rng = rng if rng is not None else numpy_rng(self.seed, "bucketing")
 
-    def state_dict(self) -> dict[str, Any]:
-        """``{"rng": bit-generator state}`` (restoring it replays the same permutations)."""
-        return {"rng": self.rng.bit_generator.state}
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``{"rng": the bit-generator state as JSON bytes (uint8 array)}``: restoring it replays
+        the same permutations."""
+        blob = json.dumps(self.rng.bit_generator.state).encode()
+        return {"rng": np.frombuffer(blob, dtype=np.uint8).copy()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.rng.bit_generator.state = dict(state["rng"])
+        if set(state) != {"rng"}:
+            raise ValueError(f"bucketing: expected state key 'rng', got {sorted(state)}")
+        self.rng.bit_generator.state = json.loads(bytes(np.asarray(state["rng"], dtype=np.uint8)))
 
     def _transform(
         self, X: np.ndarray, w: np.ndarray | None

@@ -59,6 +59,8 @@ class Attack:
             raise ValueError(f"{self.name}: f must be a non-negative integer, got {f!r}")
         f = int(f)
         H, back = to_matrix(honest)
+        if f == 0:
+            return back(np.zeros((0, H.shape[1]), dtype=H.dtype))
         own_arr = None
         if own is not None:
             own_arr, _ = to_matrix(own)
@@ -70,8 +72,6 @@ class Attack:
                 )
         if self.stochastic and not isinstance(rng, np.random.Generator):
             raise TypeError(f"{self.name}: rng must be a numpy.random.Generator")
-        if f == 0:
-            return back(np.zeros((0, H.shape[1]), dtype=H.dtype))
         out = self._attack(H, f, rng, own_arr)
         return back(np.ascontiguousarray(out, dtype=H.dtype))
 

@@ -20,26 +20,39 @@ from fedagg.errors import ConfigError
 _LABEL_KEYS = ("label", "labels", "fine_label", "target", "y")
 
 
-def _to_arrays(split: Any, feature_key: str | None, label_key: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _column(split: Any, key: str) -> np.ndarray:
+    values = split[key]
+    try:
+        return np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):  # images (PIL) or ragged lists
+        return np.stack([np.asarray(v, dtype=np.float32) for v in values])
+
+
+def _to_arrays(split: Any, feature_key: str | list[str] | None, label_key: str | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(n, d)`` float32 and labels ``(n,)`` int64 of a Hugging Face split.
+
+    Features: ``feature_key`` (one column, e.g. an image, or a list of columns); by default the
+    only non-label column, or all non-label columns stacked (tabular data).
+    """
     cols = list(split.column_names)
     lk = label_key or next((k for k in _LABEL_KEYS if k in cols), None)
     if lk is None or lk not in cols:
         raise ConfigError("dataset_args.label_key", f"no label column found; columns: {cols}")
-    fk = feature_key or next((k for k in cols if k != lk), None)
-    if fk is None or fk not in cols:
-        raise ConfigError("dataset_args.feature_key", f"no feature column found; columns: {cols}")
-    feats = split.with_format("numpy")[fk]
-    x = np.stack([np.asarray(v, dtype=np.float32) for v in feats]) if feats.dtype == object else np.asarray(feats, dtype=np.float32)
-    if x.ndim > 2:  # images: flatten and scale 8-bit pixels to [0, 1]
-        x = x.reshape(len(x), -1)
-    if x.size and x.max() > 1.5:
-        x = x / 255.0
-    y = np.asarray(split.with_format("numpy")[lk]).astype(np.int64)
+    keys = [feature_key] if isinstance(feature_key, str) else list(feature_key or [k for k in cols if k != lk])
+    missing = [k for k in keys if k not in cols]
+    if not keys or missing:
+        raise ConfigError("dataset_args.feature_key", f"no feature column {missing or ''}; columns: {cols}")
+    parts = [_column(split, k).reshape(len(split), -1) for k in keys]
+    x = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    if len(keys) == 1 and x.size and x.max() > 1.5 and _column(split, keys[0]).ndim > 2:
+        x = x / 255.0  # 8-bit images to [0, 1]
+    y = np.asarray(split[lk]).astype(np.int64)
     return x.astype(np.float32), y
 
 
 def load_hf(
-    name: str, *, feature_key: str | None = None, label_key: str | None = None,
+    name: str, *, feature_key: str | list[str] | None = None, label_key: str | None = None,
     test_split: str = "test", seed: int = 42, **load_kwargs: Any,
 ) -> CentralDataset:
     """``train`` and ``test`` splits of hub dataset ``name`` as a :class:`CentralDataset`."""

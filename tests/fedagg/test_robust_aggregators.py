@@ -354,12 +354,19 @@ def test_bucketing_is_seeded_and_restorable():
     np.testing.assert_allclose(c(X), X[perm].reshape(5, 2, 2).mean(axis=1))
 
 
-def test_pipeline_state_dict_contains_stateful_stages():
+def test_pipeline_state_dict_is_flat_numpy_and_restores():
     pipe = build("bucketing+centered-clipping", s=2, tau=1.0)
+    assert set(pipe.state_dict()) == {"0:bucketing.rng"}  # CC has no momentum before a call
     pipe(honest_cluster(12, n=6))
     state = pipe.state_dict()
-    assert set(state) == {"0:bucketing", "1:centered-clipping"}
-    pipe.load_state_dict(state)
+    assert set(state) == {"0:bucketing.rng", "1:centered-clipping.v"}
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    nxt = pipe(honest_cluster(13, n=6))
+    other = build("bucketing+centered-clipping", s=2, tau=1.0)
+    other.load_state_dict(state)
+    np.testing.assert_allclose(other(honest_cluster(13, n=6)), nxt)
+    with pytest.raises(ValueError, match="unknown state key"):
+        other.load_state_dict({"2:mean.x": np.zeros(1)})
 
 
 def test_library_code_never_touches_global_rngs():

@@ -1,0 +1,71 @@
+"""CLI input validation: one-line errors naming the field, exit code 2, nothing on disk."""
+
+from __future__ import annotations
+
+import pytest
+
+from simulations import run as run_cli
+from simulations.config import load_config
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--strategy", "fedsgd"], "strategy"),
+        (["--alpha", "-0.5", "--partition", "dirichlet"], "alpha"),
+        (["--alpha", "0", "--partition", "dirichlet"], "alpha"),
+        (["--clients-per-round", "20", "--num-clients", "10"], "clients_per_round"),
+        (["colour=blue"], "colour"),
+        (["--rounds", "many"], "rounds"),
+        (["--engine", "spark"], "engine"),
+        (["--dataset", "cifar"], "dataset"),
+        (["--model", "resnet"], "model"),
+        (["--partition", "iid", "--alpha", "0.3"], "alpha"),
+        (["participation.process=sometimes", "--engine", "inline"], "participation"),
+        (["strategy_args.proximal_mu=-1", "--strategy", "fedprox"], "strategy_args.proximal_mu"),
+        (["strategy_args.server_lr=2"], "strategy_args.server_lr"),
+        (["ray.num_workers=0"], "ray.num_workers"),
+    ],
+)
+def test_invalid_input_exits_2_with_one_line_naming_the_field(argv, field, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    code = run_cli.main([*argv, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {field}"), err
+    assert not out.exists()
+
+
+def test_argparse_errors_are_one_line_too(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_cli.main(["--rounds"])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_help_lists_strategies_and_datasets(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_cli.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "strategies:" in text and "fedavg" in text and "mnist1d" in text and "hf:<name>" in text
+    for flag in ("--rounds", "--num-clients", "--clients-per-round", "--dataset", "--partition",
+                 "--alpha", "--model", "--local-steps", "--lr", "--seed", "--engine", "--out", "--config"):
+        assert flag in text
+
+
+def test_config_file_then_flags_then_overrides(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("rounds: 7\nlr: 0.2\nparticipation:\n  process: bernoulli\n")
+    cfg = load_config(path, {"lr": 0.3, "participation.args": {}})
+    assert cfg.rounds == 7 and cfg.lr == 0.3 and cfg.participation.process == "bernoulli"
+
+
+def test_bad_yaml_and_missing_config_file(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1, 2\n")
+    assert run_cli.main(["--config", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith("error: config")
+    assert run_cli.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
