@@ -206,7 +206,16 @@ def make_client_app(config: Mapping[str, Any]) -> ClientApp:
     def _query(msg: Message, context: Context) -> Message:
         return runtime.handle_query(msg, context)
 
+    app.fedagg_runtime = runtime  # type: ignore[attr-defined]  # lets engines warm it up
     return app
+
+
+def warm_up(app: ClientApp) -> None:
+    """Load the data and build the model of ``app``'s runtime now (engines call this when a worker
+    starts, so the first round does not pay for it). No-op for other ClientApps."""
+    runtime = getattr(app, "fedagg_runtime", None)
+    if isinstance(runtime, ClientRuntime):
+        runtime.model()
 
 
 def num_params(arrays: ArrayRecord) -> int:

@@ -111,16 +111,6 @@ def to_matrix(updates: ArrayLike, ndim: int = 2) -> tuple[np.ndarray, Callable[[
     return X, back
 
 
-def as_vector(v: Any, d: int, dtype: np.dtype, name: str) -> np.ndarray:
-    """``v`` (numpy/torch/sequence) as a fresh 1-D numpy array of length ``d``."""
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().numpy()
-    arr = np.array(v, dtype=dtype, copy=True).reshape(-1)
-    if arr.shape[0] != d:
-        raise ValueError(f"{name} has length {arr.shape[0]}, expected {d}")
-    return arr
-
-
 def check_weights(
     weights: Any, n: int, rule: str, supported: bool
 ) -> np.ndarray | None:

@@ -214,7 +214,8 @@ class FlagAggregator(Aggregator):
             keep = np.flatnonzero(vals > rtol * max(float(vals[-1]), 0.0))[::-1][:m]
             return F @ vecs[:, keep] / np.sqrt(vals[keep])
 
-        # initial subspace: W0 = Y0ᵀ X̂ᵀ (r, p); `finish0` maps Y0 W0 1 / m back to d-space
+        # a subspace is ("span", C) with Y = X̂ᵀC, or ("raw", (R, T)) with Y = R T for Y0;
+        # W = Yᵀ X̂ᵀ (r, p) holds the projections of every ĝ_i, Q = WᵀW their inner products
         basis = self._initial_basis(d, m, X.dtype)
         if basis is None:
             C = span_state(np.eye(p), Gh)

@@ -78,8 +78,9 @@ class ALIE(Attack):
     .. math:: b_i = \mu + \text{sign} \cdot z \cdot \sigma
 
     with μ, σ the coordinate-wise mean and standard deviation (``ddof``) of the known updates and
-    ``z = alie_z(n, f)`` (``z="paper"``, ``n`` = total clients, default ``len(honest) + f``) or an
-    explicit number. All attackers send the same vector.
+    ``z = alie_z(n, f)`` (``z="paper"``, ``n`` = total clients, default ``len(honest) + f``: pass
+    ``n`` when ``honest`` is not the full honest set) or an explicit number. All attackers send the
+    same vector.
 
     Defaults follow **epfml** (``codes/attacks/alittle.py``, the CIFAR-10 numbers of
     ``byzantine.md`` §4.1): ``z="paper"``, ``sign=-1``, ``ddof=1``, omniscient. Other conventions:

@@ -148,6 +148,9 @@ def _worker_class() -> Any:
             import torch
 
             torch.set_num_threads(max(1, threads))
+            from simulations.client_app import warm_up
+
+            warm_up(app)
             self.app = app
             self.num_clients = num_clients
             self._content: dict[str, RecordDict] = {}
