@@ -14,6 +14,8 @@ All local randomness comes from a generator keyed by ``(seed, "local-train", rou
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +27,7 @@ from flwr.clientapp import ClientApp
 from fedagg.data import FederatedData, load_federated
 from fedagg.models import build_model
 from fedagg.registry import Registry
-from fedagg.rng import torch_generator
+from fedagg.rng import numpy_rng, torch_generator
 from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state, local_sgd, state_to_numpy
 from strategies.arrays import to_numpy, to_record
 
@@ -116,7 +118,7 @@ class ClientRuntime:
 
             train, test = self.data.client(cid)
             dev = self.device
-            y = data_attack(self.config, cid, train.y)
+            y = data_attack(self.config, cid, train.y, num_classes=self.data.num_classes)
             self._tensors[cid] = ClientTensors(
                 torch.as_tensor(train.x, device=dev), torch.as_tensor(y, device=dev),
                 torch.as_tensor(test.x, device=dev), torch.as_tensor(test.y, device=dev),
@@ -139,9 +141,24 @@ class ClientRuntime:
         return torch_generator(self.seed, purpose, server_round, cid)
 
     # ------------------------------------------------------------------ handlers
+    def inject_faults(self, server_round: int, cid: int) -> None:
+        """Injected failures of the run's ``faults`` config (see ``FaultsConfig``)."""
+        faults = self.config.get("faults") or {}
+        if not faults:
+            return
+        here = [server_round, cid]
+        if here in [list(p) for p in faults.get("kill_worker", [])]:
+            os._exit(17)  # the worker process dies mid-task (as on an OOM kill)
+        u = numpy_rng(self.seed, "fault", server_round, cid).random(2)
+        if u[0] < float(faults.get("crash_prob", 0.0)):
+            raise InjectedFault(f"injected crash of client {cid} in round {server_round}")
+        if here in [list(p) for p in faults.get("hang", [])] or u[1] < float(faults.get("hang_prob", 0.0)):
+            time.sleep(float(faults.get("hang_seconds", 3600.0)))
+
     def handle_train(self, msg: Message, context: Context) -> Message:
         cid = client_id(context)
         config = msg.content.config_records.get("config", ConfigRecord())
+        self.inject_faults(int(config.get("server-round", 0)), cid)
         task = str(config.get("task", "train"))
         _register_family_tasks()
         handler: Callable[..., RecordDict] = TASKS.entry(task, field="task").factory
@@ -161,6 +178,10 @@ class ClientRuntime:
         """Report this node's partition id (lets a server map Flower node ids to clients)."""
         content = RecordDict({"metrics": MetricRecord({"client-id": client_id(context)})})
         return Message(content, reply_to=msg)
+
+
+class InjectedFault(RuntimeError):
+    """A failure injected on purpose (``faults.crash_prob``)."""
 
 
 def client_id(context: Context) -> int:

@@ -50,6 +50,24 @@ class RayConfig(_Strict):
     gpus_per_worker: float = Field(0.0, ge=0)
 
 
+class FaultsConfig(_Strict):
+    """Injected failures, to test a strategy or a deployment plan against them.
+
+    Each random decision is drawn from ``(seed, "fault", round, client)``, so it does not depend on
+    the engine. ``crash_prob``: the ClientApp raises (an error reply). ``hang_prob`` and ``hang``
+    (``[round, client]`` pairs): the client sleeps ``hang_seconds``; with ``round_timeout`` set the
+    round goes on without it (needs ``engine: ray``, whose hung worker is replaced).
+    ``kill_worker`` (``[round, client]`` pairs): the worker process running that client dies
+    mid-task (needs ``engine: ray``; the actor is replaced).
+    """
+
+    crash_prob: float = Field(0.0, ge=0, le=1)
+    hang_prob: float = Field(0.0, ge=0, le=1)
+    hang: list[tuple[int, int]] = Field(default_factory=list)
+    hang_seconds: float = Field(3600.0, gt=0)
+    kill_worker: list[tuple[int, int]] = Field(default_factory=list)
+
+
 class RunConfig(_Strict):
     """Everything that defines a run. Field docs are in ``docs/quickstart.md``."""
 
@@ -92,6 +110,8 @@ class RunConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     round_timeout: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     out: str | None = None
 
     def run_dir(self) -> Path:
@@ -222,8 +242,21 @@ def validate(cfg: RunConfig) -> None:
     MODELS.entry(cfg.model, field="model").resolve(cfg.model_args, where="model_args")
     if cfg.num_byzantine >= cfg.num_clients and cfg.num_byzantine > 0:
         raise ConfigError("num_byzantine", f"must be < num_clients={cfg.num_clients}")
+    hangs = cfg.faults.hang_prob > 0 or bool(cfg.faults.hang)
+    if (hangs or cfg.faults.kill_worker) and cfg.engine != "ray":
+        raise ConfigError("faults", "hanging clients and killed workers need engine: ray "
+                          "(the inline and flower engines cannot interrupt or survive them)")
+    if hangs and cfg.round_timeout is None:
+        raise ConfigError("round_timeout", "set a round timeout (seconds) when clients may hang")
+    bad = [c for _, c in [*cfg.faults.hang, *cfg.faults.kill_worker] if not 0 <= c < cfg.num_clients]
+    if bad:
+        raise ConfigError("faults", f"client ids must be in 0..{cfg.num_clients - 1}, got {bad[0]}")
     if cfg.attack is None and cfg.num_byzantine > 0:
         raise ConfigError("attack", "num_byzantine > 0 needs an attack (e.g. --attack alie)")
+    if cfg.attack is not None:
+        from simulations.byzantine import validate_attack
+
+        validate_attack(cfg)  # attack name and attack_args.<key>
 
 
 def strategy_params(cfg: RunConfig) -> dict[str, Any]:

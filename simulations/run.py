@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (keys as in docs/quickstart.md)")
     for flag, key, help_text in FLAGS:
         parser.add_argument(flag, dest=key.replace(".", "__"), metavar=key.split(".")[-1].upper(), help=help_text)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint "
+                        "(its config.yaml is used; flags and overrides are not allowed)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -98,6 +100,20 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def resume_config(args: argparse.Namespace) -> Any:
+    """The config of the run to resume (its own config.yaml, pointing at its own directory)."""
+    from pathlib import Path
+
+    from simulations.config import load_config
+
+    if args.config or args.overrides or any(getattr(args, k.replace(".", "__")) for _, k, _ in FLAGS):
+        raise ConfigError("resume", "--resume takes the run's own config.yaml; drop the other flags")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError("resume", f"{run_dir} is not a run directory (no config.yaml)")
+    return load_config(run_dir / "config.yaml", {"out": str(run_dir)})
+
+
 def quiet_logs() -> None:
     """Flower logs every message at INFO; keep the console for the progress bar."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -112,16 +128,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulations.config import load_config
         from simulations.runner import Simulation
 
-        cfg = load_config(args.config, collect_overrides(args))
-        sim = Simulation(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+        if args.resume:
+            cfg = resume_config(args)
+        else:
+            cfg = load_config(args.config, collect_overrides(args))
+        sim = Simulation(cfg, overwrite=args.overwrite, progress=not args.no_progress,
+                         resume=bool(args.resume))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from simulations.runner import RunError
+
     try:
         result = sim.run()
     except KeyboardInterrupt:
         print(f"\ninterrupted: metrics of the completed rounds are in {sim.run_dir}", file=sys.stderr)
         return 130
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     s = result.summary
     print(f"{s['strategy']} on {s['dataset']}: final test accuracy {100 * s['final_test_accuracy']:.2f} % "
           f"after {s['rounds']} rounds ({s['wall_seconds']:.1f} s) → {result.run_dir}")

@@ -29,6 +29,7 @@ from fedagg.data import FederatedData, load_federated
 from fedagg.participation import build_probabilities, build_process
 from fedagg.training import evaluate, load_numpy_state, state_to_numpy
 from simulations.byzantine import build_corruption
+from simulations.checkpoint import Checkpoint, read_latest, write_checkpoint
 from simulations.client_app import ClientRuntime, make_client_app
 from simulations.config import RunConfig, dump_yaml, strategy_params
 from simulations.environment import EnvironmentGrid
@@ -52,18 +53,27 @@ class RunResult:
         return float(self.summary["final_test_accuracy"])
 
 
+class RunError(RuntimeError):
+    """The run cannot go on (e.g. too few clients replied); the message says why."""
+
+
 class Simulation:
-    """The server side of one run (see module docstring)."""
+    """The server side of one run (see module docstring).
+
+    ``resume=True`` continues the run in ``cfg.out`` from its latest checkpoint.
+    """
 
     def __init__(self, cfg: RunConfig, *, overwrite: bool = False, progress: bool = False,
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> None:
         self.cfg = cfg
         self.config = cfg.model_dump(mode="json")
         self.progress = progress
         self.on_round = on_round
         self.run_dir = cfg.run_dir()
         self.config["out"] = str(self.run_dir)
-        RunWriter.check(self.run_dir, overwrite=overwrite)
+        self.checkpoint: Checkpoint | None = read_latest(self.run_dir) if resume else None
+        if not resume:
+            RunWriter.check(self.run_dir, overwrite=overwrite)
         stream = np.random.RandomState(cfg.seed % 2**32)
         self.data: FederatedData = load_federated(
             cfg.dataset, cfg.num_clients, cfg.seed, partition=cfg.partition,
@@ -78,8 +88,21 @@ class Simulation:
         self.test_x = torch.as_tensor(self.data.test.x, device=self.runtime.device)
         self.test_y = torch.as_tensor(self.data.test.y, device=self.runtime.device)
         # Everything above validated the input; only now does anything touch the disk.
-        self.writer = RunWriter(self.run_dir, overwrite=overwrite)
-        self.writer.write_config(dump_yaml(RunConfig.model_validate(self.config)))
+        self.writer = RunWriter(self.run_dir, overwrite=overwrite, resume=resume)
+        if self.checkpoint is None:
+            self.writer.write_config(dump_yaml(RunConfig.model_validate(self.config)))
+        else:
+            self._restore(self.checkpoint)
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        """Put strategy, participation process and metrics back to the checkpoint's state."""
+        if hasattr(self.strategy, "load_state_dict"):
+            self.strategy.load_state_dict(ckpt.strategy_state)
+        if self.participation is not None and ckpt.process_state is not None:
+            self.participation.load_state_dict(ckpt.process_state)
+        self.writer.rows = []
+        for row in ckpt.rows:
+            self.writer.log_round(row)
 
     # ------------------------------------------------------------------ set-up
     def _participation(self, stream: np.random.RandomState) -> tuple[np.ndarray, Any]:
@@ -100,6 +123,8 @@ class Simulation:
             params["probabilities"] = self.probabilities.tolist()
         if entry.param("validation") is not None:
             params["validation"] = self.validation()
+        if entry.param("num_byzantine") is not None and "num_byzantine" not in params:
+            params["num_byzantine"] = self.cfg.num_byzantine  # robust rules: default f
         return params
 
     def validation(self) -> ServerValidation:
@@ -141,13 +166,19 @@ class Simulation:
         cfg = self.cfg
         env = EnvironmentGrid(grid, cfg.num_clients, node_of_client=node_of_client,
                               available=self.available, corrupt=self.corrupt)
-        arrays = self.initial_arrays()
-        loss, acc = self.evaluate(self.reported(arrays))
-        self._log({"round": 0, "phase": "init", "clients": 0, "train_loss": float("nan"),
-                   "test_loss": loss, "test_accuracy": acc, "seconds": 0.0})
+        if self.checkpoint is None:
+            first = 1
+            arrays = self.initial_arrays()
+            loss, acc = self.evaluate(self.reported(arrays))
+            self._log({"round": 0, "phase": "init", "clients": 0, "train_loss": float("nan"),
+                       "test_loss": loss, "test_accuracy": acc, "seconds": 0.0})
+        else:
+            first = self.checkpoint.round + 1
+            arrays = to_record(self.checkpoint.arrays)
         bar = _Progress(cfg.rounds, enabled=self.progress)
+        bar.advance(first - 1, float("nan"))
         try:
-            for rnd in range(1, cfg.rounds + 1):
+            for rnd in range(first, cfg.rounds + 1):
                 t0 = time.perf_counter()
                 available = env.begin_round(rnd)
                 messages = self.strategy.configure_train(rnd, arrays, self.train_config(), env)
@@ -169,12 +200,38 @@ class Simulation:
                 ex = env.last_exchange
                 row.update({"available": len(available), "sent": ex.sent, "timeouts": ex.timeouts,
                             "bytes_down": ex.bytes_down, "bytes_up": ex.bytes_up})
+                if self.corrupt is not None:
+                    row["byzantine"] = self.corrupt.counts.get(rnd, 0)
+                restarts = getattr(grid, "worker_restarts", None)
+                if restarts is not None:
+                    row["worker_restarts"] = restarts()
                 row.update(extra)
                 self._log(row)
                 bar.advance(rnd, row["test_accuracy"])
+                self._check_replies(rnd, row)
+                if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(rnd, arrays)
         finally:
             bar.close()
         return arrays
+
+    def _check_replies(self, rnd: int, row: dict[str, Any]) -> None:
+        """Fail the run when messages went out but fewer than ``min_replies`` usable replies came back."""
+        sent, usable = int(row.get("sent", 0)), int(row.get("clients", 0))
+        if sent > 0 and usable < self.cfg.min_replies:
+            raise RunError(
+                f"round {rnd}: {usable} usable replies from {sent} clients (min_replies="
+                f"{self.cfg.min_replies}; failures {row.get('failures', 0)}, timeouts "
+                f"{row.get('timeouts', 0)}, rejected {row.get('rejected', 0)}); "
+                f"completed rounds are in {self.run_dir}"
+            )
+
+    def save_checkpoint(self, rnd: int, arrays: ArrayRecord) -> None:
+        """Write the state after round ``rnd`` to ``checkpoints/`` (atomically)."""
+        state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
+        proc = self.participation.state_dict() if self.participation is not None else None
+        ckpt = Checkpoint(rnd, to_numpy(arrays), dict(state), proc, list(self.writer.rows))
+        write_checkpoint(self.run_dir, ckpt, keep=self.cfg.keep_checkpoints)
 
     def _federated_evaluate(self, rnd: int, arrays: ArrayRecord, env: EnvironmentGrid) -> dict[str, float]:
         rng = np.random.default_rng([self.cfg.seed, rnd, 7])

@@ -8,8 +8,8 @@
   not depend on which client finished first.
 - **One validation step** (:func:`screen_replies`): error replies are counted as failures; replies
   whose arrays do not match the broadcast model's names/shapes, are not floating point, contain
-  NaN/Inf, or whose update norm ``‖local − global‖`` exceeds ``max_update_norm`` are rejected and
-  logged with the client id. Only the rest reach the aggregation rule, so a non-finite update can
+  NaN/Inf, whose update norm ``‖local − global‖`` exceeds ``max_update_norm``, or is absurd
+  (> :data:`ABSURD_UPDATE_RATIO` × (‖global‖ + 1)) are rejected and logged with the client id. Only the rest reach the aggregation rule, so a non-finite update can
   never reach the global model.
 - **Checkpointable state.** ``state_dict() -> dict[str, np.ndarray]`` / ``load_state_dict``.
 
@@ -34,6 +34,10 @@ from flwr.supercore import log
 
 from fedagg.rng import numpy_rng
 from strategies.arrays import Layout, to_numpy, to_record
+
+#: Updates with ``‖Δ‖ > ABSURD_UPDATE_RATIO · (‖global‖ + 1)`` are rejected whatever the strategy:
+#: no honest client moves a model a thousand times its own size in one round.
+ABSURD_UPDATE_RATIO = 1e3
 
 #: Metric keys that are bookkeeping, not quantities to average.
 NON_METRIC_KEYS = frozenset({"num-examples", "client-id"})
@@ -97,10 +101,13 @@ def update_problem(
             return f"tensor {name!r} has dtype {np.asarray(arr).dtype}, expected floating point"
         if not np.all(np.isfinite(arr)):
             return f"tensor {name!r} contains NaN or Inf"
-    if max_update_norm is not None and global_flat is not None:
+    if global_flat is not None:
         norm = float(np.linalg.norm(layout.flatten(local) - global_flat))
-        if not np.isfinite(norm) or norm > max_update_norm:
+        if max_update_norm is not None and not norm <= max_update_norm:
             return f"update norm {norm:.3g} exceeds max_update_norm={max_update_norm:.3g}"
+        limit = ABSURD_UPDATE_RATIO * (float(np.linalg.norm(global_flat)) + 1.0)
+        if not norm <= limit:
+            return f"absurd update norm {norm:.3g} (> {ABSURD_UPDATE_RATIO:g} × (‖global‖ + 1))"
     return None
 
 
@@ -199,7 +206,7 @@ class FedaggStrategy:
         report = ScreenReport(accepted=[])
         layout = Layout.of(self.current_global) if self.current_global is not None else None
         global_flat = None
-        if layout is not None and self.max_update_norm is not None:
+        if layout is not None:
             global_flat = layout.flatten(to_numpy(self.current_global))  # type: ignore[arg-type]
         for msg in ordered:
             cid = reply_client_id(msg)
@@ -254,14 +261,37 @@ class FedaggStrategy:
         return arrays, MetricRecord(mean_metrics(replies))
 
     # ------------------------------------------------------------------ state
+    #: Attributes holding server-side optimiser state as a dict or list of arrays (or None);
+    #: saved by the default :meth:`state_dict` (Flower's FedOpt ``m_t``/``v_t``, FedAvgM's momentum).
+    state_attributes: tuple[str, ...] = ()
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Strategy state to checkpoint (flat dict of arrays). Stateless by default."""
-        return {}
+        """Strategy state to checkpoint: a flat dict of numpy arrays (keys ``attr/name``)."""
+        out: dict[str, np.ndarray] = {}
+        for attr in self.state_attributes:
+            value = getattr(self, attr, None)
+            if isinstance(value, dict):
+                out.update({f"{attr}/{k}": np.asarray(v).copy() for k, v in value.items()})
+            elif isinstance(value, (list, tuple)):
+                out.update({f"{attr}/#{i}": np.asarray(v).copy() for i, v in enumerate(value)})
+        return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore :meth:`state_dict` output."""
-        if state:
-            raise ValueError(f"{type(self).__name__} is stateless but got state keys {sorted(state)}")
+        """Restore :meth:`state_dict` output (unknown keys are an error)."""
+        grouped: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            attr, _, name = key.partition("/")
+            if attr not in self.state_attributes:
+                raise ValueError(f"{type(self).__name__} has no state {key!r}")
+            grouped.setdefault(attr, {})[name] = np.asarray(value).copy()
+        for attr in self.state_attributes:
+            items = grouped.get(attr)
+            if not items:
+                continue
+            if all(k.startswith("#") for k in items):
+                setattr(self, attr, [items[f"#{i}"] for i in range(len(items))])
+            else:
+                setattr(self, attr, items)
 
 
 class DeltaStrategy(FedaggStrategy, FedAvg):
@@ -302,11 +332,13 @@ class DeltaStrategy(FedaggStrategy, FedAvg):
         agg = np.asarray(self.aggregate_deltas(server_round, deltas, n_ex, ids), dtype=np.float64)
         metrics = mean_metrics(replies)
         metrics.update(self.round_metrics())
-        if agg.shape != g.shape or not np.all(np.isfinite(agg)):
+        new = layout.unflatten(g + self.server_lr * agg) if agg.shape == g.shape else None
+        if new is None or not all(np.all(np.isfinite(v)) for v in new.values()):
+            # e.g. a NaN from the rule, or a finite float64 step that overflows float32
             log(WARNING, "round %d: aggregate is not finite; global model kept", server_round)
             metrics["aggregate_nonfinite"] = 1
             return None, MetricRecord(metrics)
-        return to_record(layout.unflatten(g + self.server_lr * agg)), MetricRecord(metrics)
+        return to_record(new), MetricRecord(metrics)
 
     def round_metrics(self) -> dict[str, float]:
         """Strategy-specific scalars for this round's metrics row (e.g. weight statistics)."""

@@ -20,7 +20,8 @@ from strategies.registry import register
 
 def _flower(cls: type, server_lr: float, num_clients: int, **kwargs: Any) -> FedaggStrategy:
     """Instantiate Flower strategy ``cls`` with the fedagg mixin in front of it."""
-    wrapped = type(f"Fedagg{cls.__name__}", (FedaggStrategy, cls), {})
+    wrapped = type(f"Fedagg{cls.__name__}", (FedaggStrategy, cls),
+                   {"state_attributes": ("m_t", "v_t", "momentum_vector")})
     del server_lr, num_clients  # Flower's rules have their own server-side step sizes
     return wrapped(**kwargs)
 

@@ -73,7 +73,8 @@ def run_client(app: ClientApp, message: Message, client_id: int, num_clients: in
     try:
         reply = app(message, ctx)
     except Exception as exc:  # noqa: BLE001 - any client failure becomes an error reply
-        reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        reason = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
         reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
     seconds = time.perf_counter() - t0
     new_state = ctx.state if len(ctx.state) else None
@@ -192,9 +193,10 @@ class RayExecutor:
         self.actors = [self._make() for _ in range(num_workers)]
         ray.get([a.ready.remote() for a in self.actors])
         self._queue: deque[Job] = deque()
-        self._inflight: dict[Any, tuple[int, Job]] = {}  # ObjectRef -> (actor index, job)
+        self._inflight: dict[Any, tuple[int, Job, Any]] = {}  # ObjectRef -> (actor index, job, actor)
         self._load = [0] * num_workers
         self._content_refs: dict[int, Any] = {}
+        self.restarts = 0
 
     def submit(self, jobs: list[Job]) -> None:
         for job in sorted(jobs, key=lambda j: -j.work):
@@ -211,14 +213,15 @@ class RayExecutor:
                 return
             job = self._queue.popleft()
             ref = self._content_refs[id(job.message.content)]
-            fut = self.actors[idx].run.remote(job.message.metadata, [ref], job.client_id, job.state)
-            self._inflight[fut] = (idx, job)
+            actor = self.actors[idx]
+            fut = actor.run.remote(job.message.metadata, [ref], job.client_id, job.state)
+            self._inflight[fut] = (idx, job, actor)
             self._load[idx] += 1
 
     def _collect(self, ready: list[Any]) -> list[JobResult]:
         out = []
         for fut in ready:
-            idx, job = self._inflight.pop(fut)
+            idx, job, actor = self._inflight.pop(fut)
             self._load[idx] -= 1
             try:
                 reply, state, secs = self._ray.get(fut)
@@ -227,7 +230,8 @@ class RayExecutor:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                                 reply_to=job.message)
                 state, secs = job.state, 0.0
-                self._replace(idx)
+                if self.actors[idx] is actor:  # its other queued jobs fail too: replace once
+                    self._replace(idx)
             except self._ray.exceptions.RayTaskError as exc:  # pragma: no cover - run_client catches
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
                                 reply_to=job.message)
@@ -244,6 +248,7 @@ class RayExecutor:
         except Exception:  # noqa: BLE001 - already dead
             pass
         self.actors[idx] = self._make()
+        self.restarts += 1
 
     def wait(self, timeout: float | None) -> list[JobResult]:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -270,8 +275,8 @@ class RayExecutor:
         """Drop queued jobs and kill actors still running a job (after a timeout)."""
         dropped = list(self._queue)
         self._queue.clear()
-        busy = sorted({idx for idx, _ in self._inflight.values()})
-        dropped += [job for _, job in self._inflight.values()]
+        busy = sorted({idx for idx, _, _ in self._inflight.values()})
+        dropped += [job for _, job, _ in self._inflight.values()]
         self._inflight.clear()
         for idx in busy:
             self._replace(idx)

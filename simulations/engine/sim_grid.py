@@ -102,5 +102,9 @@ class SimGrid(Grid):
         self.last_exchange = ex
         return replies
 
+    def worker_restarts(self) -> int:
+        """Workers replaced so far (crashed or killed after a timeout); 0 without workers."""
+        return int(getattr(self.executor, "restarts", 0))
+
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -1,4 +1,5 @@
-"""Engine parity: the same seed gives the same final model on inline, ray and flower."""
+"""Engine parity and determinism: the same seed gives the same final model on every engine and
+whatever the number of Ray workers."""
 
 from __future__ import annotations
 
@@ -10,22 +11,45 @@ from simulations.runner import Simulation
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
-CFG = {"rounds": 3, "num_clients": 4, "clients_per_round": 3, "model": "cnn", "local_steps": 4,
+CFG = {"rounds": 3, "num_clients": 5, "clients_per_round": 4, "model": "cnn", "local_steps": 4,
        "dataset_args": {"num_samples": 1000}, "partition": "dirichlet", "alpha": 0.5}
 
 
-def run(tmp_path, engine: str):
-    cfg = load_config(None, {**CFG, "engine": engine, "out": str(tmp_path / engine),
-                             "ray": {"num_workers": 2}})
+def run(tmp_path, engine: str, workers: int = 2):
+    cfg = load_config(None, {**CFG, "engine": engine, "out": str(tmp_path / f"{engine}{workers}"),
+                             "ray": {"num_workers": workers}})
     return Simulation(cfg).run()
 
 
-def test_ray_and_flower_engines_match_inline_to_1e6(tmp_path) -> None:
+def csv_without_time(run_dir) -> list[list[str]]:
+    lines = [ln.split(",") for ln in (run_dir / "metrics.csv").read_text().splitlines()]
+    col = lines[0].index("seconds")
+    drop = {col, *(i for i, name in enumerate(lines[0]) if name == "worker_restarts")}
+    return [[c for i, c in enumerate(ln) if i not in drop] for ln in lines]
+
+
+def assert_same_model(a, b) -> None:
+    assert a.arrays.keys() == b.arrays.keys()
+    for k in a.arrays:
+        assert a.arrays[k].tobytes() == b.arrays[k].tobytes(), k
+
+
+def test_engines_agree_and_ray_is_deterministic_whatever_the_worker_count(tmp_path) -> None:
+    import ray
+
     ref = run(tmp_path, "inline")
-    for engine in ("ray", "flower"):
-        res = run(tmp_path, engine)
-        for k in ref.arrays:
-            np.testing.assert_allclose(res.arrays[k], ref.arrays[k], rtol=0, atol=1e-6)
-        assert [r["clients"] for r in res.rows] == [r["clients"] for r in ref.rows]
-        assert res.rows[-1]["test_accuracy"] == pytest.approx(ref.rows[-1]["test_accuracy"], abs=1e-9)
     assert ref.rows[-1]["test_accuracy"] > ref.rows[0]["test_accuracy"]  # it trained
+    ray.init(include_dashboard=False, num_cpus=2, logging_level="WARNING")
+    try:
+        two = run(tmp_path, "ray", workers=2)
+        one = run(tmp_path, "ray", workers=1)
+        three = run(tmp_path, "ray", workers=3)
+    finally:
+        ray.shutdown()
+    for res in (two, one, three):  # bit-identical metrics (time aside) and model
+        assert_same_model(res, ref)
+        assert csv_without_time(res.run_dir) == csv_without_time(ref.run_dir)
+    flower = run(tmp_path, "flower")  # stock run_simulation starts (and stops) its own Ray
+    for k in ref.arrays:
+        np.testing.assert_allclose(flower.arrays[k], ref.arrays[k], rtol=0, atol=1e-6)
+    assert [r["clients"] for r in flower.rows] == [r["clients"] for r in ref.rows]
