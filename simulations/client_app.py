@@ -29,12 +29,16 @@ from fedagg.models import build_model
 from fedagg.registry import Registry
 from fedagg.rng import numpy_rng, torch_generator
 from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state, local_sgd, state_to_numpy
+from simulations.profiles import ProfileTable
 from strategies.arrays import to_numpy, to_record
 
 #: Client tasks: ``task(runtime, client_id, content, context) -> RecordDict`` (the reply content).
 TASKS: Registry[RecordDict] = Registry("client task")
 
 PARTITION_ID_KEY = "partition-id"
+
+#: Clients whose data tensors a process keeps (least recently used ones are dropped).
+TENSOR_CACHE = 256
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -65,6 +69,7 @@ class ClientRuntime:
         self._models: dict[str, torch.nn.Module] = {}
         self._tensors: dict[int, ClientTensors] = {}
         self._device: torch.device | None = None
+        self._profiles: ProfileTable | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config}
@@ -112,8 +117,13 @@ class ClientRuntime:
         return self._models[key]
 
     def tensors(self, cid: int) -> ClientTensors:
-        """Client ``cid``'s data on the device (cached per process)."""
-        if cid not in self._tensors:
+        """Client ``cid``'s data on the device (an LRU cache of :data:`TENSOR_CACHE` clients per
+        process, so memory does not grow with the population)."""
+        if cid in self._tensors:
+            self._tensors[cid] = self._tensors.pop(cid)  # most recently used last
+        else:
+            while len(self._tensors) >= TENSOR_CACHE:
+                self._tensors.pop(next(iter(self._tensors)))
             from simulations.byzantine import data_attack
 
             train, test = self.data.client(cid)
@@ -125,13 +135,27 @@ class ClientRuntime:
             )
         return self._tensors[cid]
 
-    def train_config(self, config: ConfigRecord) -> LocalTrainConfig:
-        """Local optimisation settings: the message's ConfigRecord, falling back to the run config."""
+    @property
+    def profiles(self) -> ProfileTable:
+        """Client → hardware profile of this run (computed once per process)."""
+        if self._profiles is None:
+            self._profiles = ProfileTable(self.config)
+        return self._profiles
+
+    def train_config(self, config: ConfigRecord, cid: int | None = None) -> LocalTrainConfig:
+        """Local optimisation settings: the message's ConfigRecord, falling back to the run config;
+        client ``cid``'s profile overrides ``local_steps``/``batch_size`` where it sets them."""
         c = self.config
+        steps = int(config.get("local-steps", c["local_steps"]))
+        batch = int(config.get("batch-size", c["batch_size"]))
+        if cid is not None and c.get("profiles"):
+            prof = self.profiles.of(cid)
+            steps = int(prof["local_steps"]) if prof["local_steps"] is not None else steps
+            batch = int(prof["batch_size"]) if prof["batch_size"] is not None else batch
         return LocalTrainConfig(
-            steps=int(config.get("local-steps", c["local_steps"])),
+            steps=steps,
             lr=float(config.get("lr", c["lr"])),
-            batch_size=int(config.get("batch-size", c["batch_size"])),
+            batch_size=batch,
             momentum=float(config.get("momentum", c.get("momentum", 0.0))),
             weight_decay=float(config.get("weight-decay", c.get("weight_decay", 0.0))),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -143,6 +167,11 @@ class ClientRuntime:
     # ------------------------------------------------------------------ handlers
     def inject_faults(self, server_round: int, cid: int) -> None:
         """Injected failures of the run's ``faults`` config (see ``FaultsConfig``)."""
+        if self.config.get("profiles"):
+            p = float(self.profiles.of(cid)["dropout_prob"])
+            if p > 0 and numpy_rng(self.seed, "dropout", server_round, cid).random() < p:
+                raise ClientDropout(f"client {cid} dropped out in round {server_round} "
+                                    f"(profile {self.profiles.of(cid)['name']!r})")
         faults = self.config.get("faults") or {}
         if not faults:
             return
@@ -184,6 +213,10 @@ class InjectedFault(RuntimeError):
     """A failure injected on purpose (``faults.crash_prob``)."""
 
 
+class ClientDropout(RuntimeError):
+    """A client of a profile with ``dropout_prob`` left the round."""
+
+
 def client_id(context: Context) -> int:
     """The client (partition) id of the node running this message."""
     if PARTITION_ID_KEY not in context.node_config:
@@ -200,7 +233,7 @@ def train_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Contex
     load_numpy_state(model, to_numpy(content.array_records["arrays"]))
     t = rt.tensors(cid)
     server_round = int(config.get("server-round", 0))
-    loss = local_sgd(model, t.x, t.y, rt.train_config(config), rt.generator("local-train", server_round, cid))
+    loss = local_sgd(model, t.x, t.y, rt.train_config(config, cid), rt.generator("local-train", server_round, cid))
     metrics = {"num-examples": int(len(t.y)), "train_loss": float(loss), "client-id": cid}
     return RecordDict({"arrays": to_record(state_to_numpy(model)), "metrics": MetricRecord(metrics)})
 
@@ -209,10 +242,14 @@ def _register_family_tasks() -> None:
     import simulations.tasks  # noqa: F401  (registers fisher, fedins, ... into TASKS)
 
 
-def make_client_app(config: Mapping[str, Any]) -> ClientApp:
-    """A Flower ClientApp for the run described by ``config`` (a ``RunConfig.model_dump()``)."""
+def make_client_app(config: Mapping[str, Any], runtime: ClientRuntime | None = None) -> ClientApp:
+    """A Flower ClientApp for the run described by ``config`` (a ``RunConfig.model_dump()``).
+
+    ``runtime`` shares an existing :class:`ClientRuntime` (the inline engine reuses the server's:
+    one dataset, one model instance in the process); a pickled app carries only the config.
+    """
     _register_family_tasks()
-    runtime = ClientRuntime(config)
+    runtime = runtime if runtime is not None else ClientRuntime(config)
     app = ClientApp()
 
     @app.train()

@@ -68,6 +68,48 @@ class FaultsConfig(_Strict):
     kill_worker: list[tuple[int, int]] = Field(default_factory=list)
 
 
+class ProfileConfig(_Strict):
+    """A group of clients with its own hardware (see ``docs/ray.md``).
+
+    Membership: ``count`` clients, or a ``fraction`` of all clients (assigned by a seeded
+    permutation, in profile order; clients left over get the default profile). Resources map to the
+    Ray actors that host the group's clients: ``num_cpus``, ``num_gpus`` (fractions such as 0.25),
+    custom ``resources``; ``gpu: optional`` falls back to CPU when the cluster has no GPU.
+    ``speed`` is relative compute speed (simulated time); ``local_steps``/``batch_size`` override the
+    run's; ``dropout_prob`` is the chance per round that a selected client drops out (an error reply);
+    ``bandwidth_mbps`` its link speed (simulated time).
+    """
+
+    name: str = "default"
+    count: int | None = Field(None, ge=0)
+    fraction: float | None = Field(None, ge=0, le=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    gpu: Literal["required", "optional"] = "required"
+    resources: dict[str, float] = Field(default_factory=dict)
+    workers: int | None = Field(None, ge=1)
+    speed: float = Field(1.0, gt=0)
+    local_steps: int | None = Field(None, ge=0)
+    batch_size: int | None = Field(None, ge=1)
+    dropout_prob: float = Field(0.0, ge=0, le=1)
+    bandwidth_mbps: float = Field(100.0, gt=0)
+
+
+class SimulatedTimeConfig(_Strict):
+    """Simulated wall-clock of a synchronous round (see ``simulations/simtime.py``).
+
+    A client-round lasts ``steps · batch_size · seconds_per_sample / speed`` (compute) plus
+    ``latency`` + bytes down and up over its ``bandwidth_mbps`` (communication), times a seeded
+    lognormal ``jitter``. The round lasts as long as its slowest kept client; with ``deadline`` set,
+    clients that would finish later are dropped (stragglers) and the round lasts ``deadline``.
+    """
+
+    seconds_per_sample: float = Field(2e-4, gt=0)
+    latency: float = Field(0.05, ge=0)
+    jitter: float = Field(0.0, ge=0)
+    deadline: float | None = Field(None, gt=0)
+
+
 class RunConfig(_Strict):
     """Everything that defines a run. Field docs are in ``docs/quickstart.md``."""
 
@@ -108,6 +150,8 @@ class RunConfig(_Strict):
     engine: Literal["ray", "flower", "inline"] = "ray"
     ray: RayConfig = Field(default_factory=RayConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    profiles: list[ProfileConfig] = Field(default_factory=list)
+    simulated_time: SimulatedTimeConfig = Field(default_factory=SimulatedTimeConfig)
     round_timeout: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -253,10 +297,26 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("faults", f"client ids must be in 0..{cfg.num_clients - 1}, got {bad[0]}")
     if cfg.attack is None and cfg.num_byzantine > 0:
         raise ConfigError("attack", "num_byzantine > 0 needs an attack (e.g. --attack alie)")
+    _validate_profiles(cfg)
     if cfg.attack is not None:
         from simulations.byzantine import validate_attack
 
         validate_attack(cfg)  # attack name and attack_args.<key>
+
+
+def _validate_profiles(cfg: RunConfig) -> None:
+    names = [p.name for p in cfg.profiles]
+    if len(set(names)) != len(names):
+        raise ConfigError("profiles", f"profile names must be unique, got {names}")
+    for i, p in enumerate(cfg.profiles):
+        if (p.count is None) == (p.fraction is None):
+            raise ConfigError(f"profiles[{i}]", "give exactly one of count or fraction")
+    from simulations.profiles import profile_sizes
+
+    sizes = profile_sizes(cfg)
+    if sum(sizes[: len(cfg.profiles)]) > cfg.num_clients:
+        raise ConfigError("profiles", f"profiles hold {sum(sizes[: len(cfg.profiles)])} clients "
+                          f"but num_clients={cfg.num_clients}")
 
 
 def strategy_params(cfg: RunConfig) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from simulations.simtime import SimClock
+
 #: ``available(round) -> client ids`` (sorted).
 AvailabilityFn = Callable[[int], Sequence[int]]
 #: ``corrupt(round, replies, broadcast) -> replies``: replaces Byzantine clients' replies.
@@ -36,6 +38,9 @@ class ExchangeStats:
     timeouts: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
+    stragglers: int = 0
+    sim_seconds: float = 0.0
+    profile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -47,13 +52,15 @@ class EnvironmentGrid(Grid):
     """A Grid view that applies availability, Byzantine replacement and id translation."""
 
     def __init__(self, inner: Grid, num_clients: int, *, node_of_client: dict[int, int] | None = None,
-                 available: AvailabilityFn | None = None, corrupt: CorruptFn | None = None) -> None:
+                 available: AvailabilityFn | None = None, corrupt: CorruptFn | None = None,
+                 clock: SimClock | None = None) -> None:
         self.inner = inner
         self.num_clients = num_clients
         self._node_of = dict(node_of_client) if node_of_client else {c: c for c in range(num_clients)}
         self._client_of = {n: c for c, n in self._node_of.items()}
         self._available_fn = available
         self._corrupt = corrupt
+        self.clock = clock
         self.round = 0
         self._available: list[int] = list(range(num_clients))
         self.last_exchange = ExchangeStats()
@@ -119,6 +126,26 @@ class EnvironmentGrid(Grid):
             bytes_down=sum(payload_bytes(m.content) for m in msgs),
             bytes_up=sum(payload_bytes(m.content) for m in replies if m.has_content()),
         )
+        if is_train and self.clock is not None:
+            replies = self._apply_clock(msgs, replies)
         if is_train and self._corrupt is not None:
             replies = self._corrupt(self.round, replies, broadcast)
         return replies
+
+    def _apply_clock(self, msgs: list[Message], replies: list[Message]) -> list[Message]:
+        """Simulated round time; drop the replies of stragglers past the deadline."""
+        assert self.clock is not None
+        down = {int(m.metadata.dst_node_id): payload_bytes(m.content) for m in msgs}
+        down = {self._client_of.get(n, n): b for n, b in down.items()}
+        sizes = {int(r.metadata.src_node_id): (down.get(int(r.metadata.src_node_id), 0), payload_bytes(r.content))
+                 for r in replies if r.has_content()}
+        timing = self.clock.settle(self.round, sizes)
+        late = set(timing.stragglers)
+        self.last_exchange.stragglers = len(late)
+        self.last_exchange.sim_seconds = timing.seconds
+        per: dict[str, float] = {}
+        for cid, secs in timing.durations.items():
+            name = self.clock.table.of(cid)["name"]
+            per[name] = max(per.get(name, 0.0), secs)
+        self.last_exchange.profile_seconds = per
+        return [r for r in replies if int(r.metadata.src_node_id) not in late]

@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found by the engine (e.g. a profile needs a GPU the cluster lacks)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     s = result.summary
     print(f"{s['strategy']} on {s['dataset']}: final test accuracy {100 * s['final_test_accuracy']:.2f} % "
           f"after {s['rounds']} rounds ({s['wall_seconds']:.1f} s) → {result.run_dir}")

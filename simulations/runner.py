@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 
 import strategies
 from fedagg.data import FederatedData, load_federated
+from fedagg.errors import ConfigError
 from fedagg.participation import build_probabilities, build_process
 from fedagg.training import evaluate, load_numpy_state, state_to_numpy
 from simulations.byzantine import build_corruption
@@ -34,6 +35,7 @@ from simulations.client_app import ClientRuntime, make_client_app
 from simulations.config import RunConfig, dump_yaml, strategy_params
 from simulations.environment import EnvironmentGrid
 from simulations.results import RunWriter, save_arrays
+from simulations.simtime import SimClock
 from strategies.arrays import to_numpy, to_record
 
 log = logging.getLogger("fedagg")
@@ -164,17 +166,19 @@ class Simulation:
     def serve(self, grid: Grid, node_of_client: dict[int, int] | None = None) -> ArrayRecord:
         """Run all rounds on ``grid``; return the final global model."""
         cfg = self.cfg
+        clock = SimClock(self.config, self.runtime.profiles)
         env = EnvironmentGrid(grid, cfg.num_clients, node_of_client=node_of_client,
-                              available=self.available, corrupt=self.corrupt)
+                              available=self.available, corrupt=self.corrupt, clock=clock)
         if self.checkpoint is None:
             first = 1
             arrays = self.initial_arrays()
             loss, acc = self.evaluate(self.reported(arrays))
             self._log({"round": 0, "phase": "init", "clients": 0, "train_loss": float("nan"),
-                       "test_loss": loss, "test_accuracy": acc, "seconds": 0.0})
+                       "test_loss": loss, "test_accuracy": acc, "seconds": 0.0, "sim_time": 0.0})
         else:
             first = self.checkpoint.round + 1
             arrays = to_record(self.checkpoint.arrays)
+            clock.time = float(self.checkpoint.rows[-1].get("sim_time", 0.0)) if self.checkpoint.rows else 0.0
         bar = _Progress(cfg.rounds, enabled=self.progress)
         bar.advance(first - 1, float("nan"))
         try:
@@ -199,9 +203,12 @@ class Simulation:
                 row["seconds"] = time.perf_counter() - t0
                 ex = env.last_exchange
                 row.update({"available": len(available), "sent": ex.sent, "timeouts": ex.timeouts,
-                            "bytes_down": ex.bytes_down, "bytes_up": ex.bytes_up})
+                            "stragglers": ex.stragglers, "sim_seconds": ex.sim_seconds,
+                            "sim_time": clock.time, "bytes_down": ex.bytes_down, "bytes_up": ex.bytes_up})
                 if self.corrupt is not None:
                     row["byzantine"] = self.corrupt.counts.get(rnd, 0)
+                if cfg.profiles:  # slowest client of each profile (simulated seconds)
+                    row.update({f"sim_seconds_{k}": v for k, v in sorted(ex.profile_seconds.items())})
                 restarts = getattr(grid, "worker_restarts", None)
                 if restarts is not None:
                     row["worker_restarts"] = restarts()
@@ -256,7 +263,11 @@ class Simulation:
         t0 = time.perf_counter()
         from simulations.engine import run_on_engine
 
-        arrays = run_on_engine(self)
+        try:
+            arrays = run_on_engine(self)
+        except ConfigError:
+            self._discard_if_empty()  # the engine refused the input before round 1
+            raise
         final = to_numpy(self.reported(arrays))
         self.writer.write_model(final, metadata={"strategy": self.cfg.strategy, "seed": str(self.cfg.seed)})
         state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
@@ -276,8 +287,17 @@ class Simulation:
         self.writer.write_summary(summary)
         return RunResult(self.run_dir, final, rows, summary)
 
+    def _discard_if_empty(self) -> None:
+        if not self.writer.rows:
+            (self.run_dir / "config.yaml").unlink(missing_ok=True)
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass
+
     def client_app(self) -> Any:
-        return make_client_app(self.config)
+        """The run's ClientApp; it shares this process's runtime (data, model) when run inline."""
+        return make_client_app(self.config, runtime=self.runtime)
 
 
 @dataclasses.dataclass

@@ -11,16 +11,22 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from simulations.engine.executors import InlineExecutor, RayExecutor
+from fedagg.errors import ConfigError
+from simulations.engine.executors import InlineExecutor, RayExecutor, WorkerPool
 from simulations.engine.sim_grid import SimGrid
+from simulations.simtime import expected_work
+
+log = logging.getLogger("fedagg")
 
 if TYPE_CHECKING:
     from simulations.config import RayConfig
@@ -65,23 +71,71 @@ def default_num_workers(ray: Any, cfg: RayConfig, num_clients: int) -> int:
     return max(1, min(num_clients, int(cpus // cfg.cpus_per_worker)))
 
 
+def worker_pools(ray: Any, sim: Simulation) -> list[WorkerPool]:
+    """One actor pool per client profile (a single pool from ``ray.*`` without profiles).
+
+    Checks the cluster can host every pool: a profile asking for GPUs on a cluster without any fails
+    with a clear message, unless ``gpu: optional`` (then it runs on CPU); custom resources must
+    exist in the cluster. Workers per pool: the profile's ``workers``, else a share of the default
+    worker count proportional to the profile's clients (at least one).
+    """
+    cfg = sim.cfg
+    n = cfg.num_clients
+    if not cfg.profiles:
+        opts = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": cfg.ray.gpus_per_worker}
+        _check_resources(ray, opts, "ray")
+        return [WorkerPool("default", default_num_workers(ray, cfg.ray, n), opts)]
+    table = sim.runtime.profiles
+    counts = np.bincount(table.assignment, minlength=len(table.profiles))
+    total = default_num_workers(ray, cfg.ray, n)
+    pools = []
+    for i, prof in enumerate(table.profiles):
+        if counts[i] == 0:
+            pools.append(WorkerPool(prof["name"], 0, {}))
+            continue
+        opts: dict[str, Any] = {"num_cpus": prof["num_cpus"], "num_gpus": prof["num_gpus"]}
+        if prof["resources"]:
+            opts["resources"] = dict(prof["resources"])
+        where = f"profiles[{i}]" if i < len(cfg.profiles) else "profiles (default)"
+        if opts["num_gpus"] > 0 and float(ray.cluster_resources().get("GPU", 0)) == 0:
+            if prof["gpu"] != "optional":
+                raise ConfigError(f"{where}.num_gpus", f"profile {prof['name']!r} asks for "
+                                  f"{opts['num_gpus']} GPU per worker but the Ray cluster has no GPU; "
+                                  "set gpu: optional to run it on CPU")
+            log.warning("profile %r: no GPU in the cluster, running on CPU (gpu: optional)", prof["name"])
+            opts["num_gpus"] = 0.0
+        _check_resources(ray, opts, where)
+        workers = prof["workers"] or max(1, int(round(total * counts[i] / n)))
+        pools.append(WorkerPool(prof["name"], min(workers, int(counts[i])), opts))
+    return pools
+
+
+def _check_resources(ray: Any, opts: dict[str, Any], where: str) -> None:
+    have = ray.cluster_resources()
+    for key, need in {"CPU": opts.get("num_cpus", 0), "GPU": opts.get("num_gpus", 0),
+                      **opts.get("resources", {})}.items():
+        if need and float(have.get(key, 0)) < float(need):
+            raise ConfigError(where, f"needs {need} {key} per worker but the Ray cluster has "
+                              f"{have.get(key, 0)} (resources: {sorted(have)})")
+
+
 def run_on_engine(sim: Simulation) -> ArrayRecord:
     """Run ``sim``'s round loop on its configured engine; return the final global model."""
     cfg = sim.cfg
     n = cfg.num_clients
+    table = sim.runtime.profiles
+    work = lambda cid: expected_work(table, sim.config, cid)  # noqa: E731
     if cfg.engine == "inline":
-        grid = SimGrid(n, InlineExecutor(sim.client_app(), n))
+        grid = SimGrid(n, InlineExecutor(sim.client_app(), n), work=work)
         try:
             return sim.serve(grid)
         finally:
             grid.shutdown()
     if cfg.engine == "ray":
         with ray_session(cfg.ray) as ray:
-            executor = RayExecutor(
-                sim.client_app(), n, default_num_workers(ray, cfg.ray, n),
-                cpus_per_worker=cfg.ray.cpus_per_worker, gpus_per_worker=cfg.ray.gpus_per_worker,
-            )
-            grid = SimGrid(n, executor)
+            executor = RayExecutor(sim.client_app(), n, worker_pools(ray, sim),
+                                   pool_of=table.index if cfg.profiles else None)
+            grid = SimGrid(n, executor, work=work)
             try:
                 return sim.serve(grid)
             finally:

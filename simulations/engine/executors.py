@@ -173,28 +173,51 @@ def _worker_class() -> Any:
     return ClientWorker
 
 
-class RayExecutor:
-    """Runs jobs in a pool of Ray actors (see module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class WorkerPool:
+    """Identical Ray actors hosting a group of clients: ``workers`` actors with ``options``
+    (``num_cpus``, ``num_gpus``, ``resources``) each."""
 
-    def __init__(self, app: ClientApp, num_clients: int, num_workers: int, *,
-                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, depth: int = 2,
-                 actor_options: dict[str, Any] | None = None) -> None:
+    name: str
+    workers: int
+    options: dict[str, Any]
+
+
+class RayExecutor:
+    """Runs jobs in pools of Ray actors (see module docstring).
+
+    ``pools`` lists the worker pools (one per client profile); ``pool_of(client_id)`` says which
+    pool hosts a client. With a single pool every client runs anywhere.
+    """
+
+    def __init__(self, app: ClientApp, num_clients: int, pools: list[WorkerPool], *,
+                 pool_of: Callable[[int], int] | None = None, depth: int = 2) -> None:
         import ray
 
         self._ray = ray
         self.app = app
         self.num_clients = num_clients
         self.depth = depth
+        self.pools = pools
+        self._pool_of = pool_of or (lambda cid: 0)
         cls = _worker_class()
-        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, **(actor_options or {})}
-        threads = max(1, int(cpus_per_worker))
-        self._make: Callable[[], Any] = lambda: cls.options(**options).remote(app, num_clients, threads)
-        self._app_ref = None
-        self.actors = [self._make() for _ in range(num_workers)]
+
+        def maker(options: dict[str, Any]) -> Callable[[], Any]:
+            threads = max(1, int(options.get("num_cpus", 1)))
+            return lambda: cls.options(**options).remote(app, num_clients, threads)
+
+        self._makers: list[Callable[[], Any]] = []
+        self._actor_pool: list[int] = []  # actor index -> pool index
+        for p_idx, pool in enumerate(pools):
+            for _ in range(pool.workers):
+                self._makers.append(maker(pool.options))
+                self._actor_pool.append(p_idx)
+        self.actors = [make() for make in self._makers]
         ray.get([a.ready.remote() for a in self.actors])
-        self._queue: deque[Job] = deque()
+        self._members = [[i for i, p in enumerate(self._actor_pool) if p == k] for k in range(len(pools))]
+        self._queues: list[deque[Job]] = [deque() for _ in pools]
         self._inflight: dict[Any, tuple[int, Job, Any]] = {}  # ObjectRef -> (actor index, job, actor)
-        self._load = [0] * num_workers
+        self._load = [0] * len(self.actors)
         self._content_refs: dict[int, Any] = {}
         self.restarts = 0
 
@@ -203,20 +226,21 @@ class RayExecutor:
             key = id(job.message.content)
             if key not in self._content_refs:
                 self._content_refs[key] = self._ray.put(job.message.content)
-            self._queue.append(job)
+            self._queues[self._pool_of(job.client_id)].append(job)
         self._pump()
 
     def _pump(self) -> None:
-        while self._queue:
-            idx = min(range(len(self.actors)), key=lambda i: (self._load[i], i))
-            if self._load[idx] >= self.depth:
-                return
-            job = self._queue.popleft()
-            ref = self._content_refs[id(job.message.content)]
-            actor = self.actors[idx]
-            fut = actor.run.remote(job.message.metadata, [ref], job.client_id, job.state)
-            self._inflight[fut] = (idx, job, actor)
-            self._load[idx] += 1
+        for queue, members in zip(self._queues, self._members, strict=True):
+            while queue:
+                idx = min(members, key=lambda i: (self._load[i], i))
+                if self._load[idx] >= self.depth:
+                    break
+                job = queue.popleft()
+                ref = self._content_refs[id(job.message.content)]
+                actor = self.actors[idx]
+                fut = actor.run.remote(job.message.metadata, [ref], job.client_id, job.state)
+                self._inflight[fut] = (idx, job, actor)
+                self._load[idx] += 1
 
     def _collect(self, ready: list[Any]) -> list[JobResult]:
         out = []
@@ -237,7 +261,7 @@ class RayExecutor:
                                 reply_to=job.message)
                 state, secs = job.state, 0.0
             out.append(JobResult(job.message_id, job.client_id, reply, state, secs))
-        if not self._queue and not self._inflight:
+        if not any(self._queues) and not self._inflight:
             self._content_refs.clear()
         return out
 
@@ -247,7 +271,7 @@ class RayExecutor:
             self._ray.kill(self.actors[idx], no_restart=True)
         except Exception:  # noqa: BLE001 - already dead
             pass
-        self.actors[idx] = self._make()
+        self.actors[idx] = self._makers[idx]()
         self.restarts += 1
 
     def wait(self, timeout: float | None) -> list[JobResult]:
@@ -273,8 +297,9 @@ class RayExecutor:
 
     def abandon(self) -> list[Job]:
         """Drop queued jobs and kill actors still running a job (after a timeout)."""
-        dropped = list(self._queue)
-        self._queue.clear()
+        dropped = [job for q in self._queues for job in q]
+        for q in self._queues:
+            q.clear()
         busy = sorted({idx for idx, _, _ in self._inflight.values()})
         dropped += [job for _, job, _ in self._inflight.values()]
         self._inflight.clear()

@@ -39,13 +39,24 @@ def test_engines_agree_and_ray_is_deterministic_whatever_the_worker_count(tmp_pa
 
     ref = run(tmp_path, "inline")
     assert ref.rows[-1]["test_accuracy"] > ref.rows[0]["test_accuracy"]  # it trained
-    ray.init(include_dashboard=False, num_cpus=2, logging_level="WARNING")
+    profiled = {"profiles": [{"name": "fast", "count": 3, "local_steps": 6},
+                             {"name": "slow", "count": 2, "speed": 0.2, "resources": {"slow_worker": 1}}],
+                "simulated_time": {"deadline": 0.5}}
+    ref_prof = Simulation(load_config(None, {**CFG, **profiled, "engine": "inline",
+                                             "out": str(tmp_path / "inline-prof")})).run()
+    ray.init(include_dashboard=False, num_cpus=2, resources={"slow_worker": 1}, logging_level="WARNING")
     try:
         two = run(tmp_path, "ray", workers=2)
         one = run(tmp_path, "ray", workers=1)
         three = run(tmp_path, "ray", workers=3)
+        prof = Simulation(load_config(None, {**CFG, **profiled, "engine": "ray", "ray": {"num_workers": 2},
+                                             "out": str(tmp_path / "ray-prof")})).run()
     finally:
         ray.shutdown()
+    # two worker pools (one needs the custom resource) give the inline result bit for bit
+    assert_same_model(prof, ref_prof)
+    assert csv_without_time(prof.run_dir) == csv_without_time(ref_prof.run_dir)
+    assert any(r["stragglers"] > 0 for r in prof.rows[1:])
     for res in (two, one, three):  # bit-identical metrics (time aside) and model
         assert_same_model(res, ref)
         assert csv_without_time(res.run_dir) == csv_without_time(ref.run_dir)

@@ -96,3 +96,26 @@ def test_fedavg_iid_mnist1d_reaches_85_percent_and_dirichlet_is_lower(tmp_path) 
                                          "out": str(tmp_path / "dir")})).run()
     assert iid.final_accuracy >= 0.85, iid.final_accuracy
     assert skew.final_accuracy <= iid.final_accuracy - 0.05, (skew.final_accuracy, iid.final_accuracy)
+
+
+def test_idle_clients_cost_no_model_memory(tmp_path) -> None:
+    """200 clients, 10 per round: one model instance in the process, a bounded tensor cache, and
+    per-client server state limited to partition indices."""
+    import gc
+
+    from fedagg.models import MLP
+    from simulations.client_app import TENSOR_CACHE
+
+    def live_models() -> int:
+        gc.collect()
+        return sum(isinstance(o, MLP) for o in gc.get_objects())
+
+    before = live_models()
+    cfg = load_config(None, {**SMALL, "num_clients": 200, "clients_per_round": 10, "rounds": 2,
+                             "dataset_args": {"num_samples": 2000}, "out": str(tmp_path / "m")})
+    sim = Simulation(cfg)
+    sim.run()
+    assert live_models() - before == 1
+    assert len(sim.runtime._tensors) <= min(TENSOR_CACHE, 20)
+    per_client = sum(a.nbytes for a in [*sim.data.client_train, *sim.data.client_test]) / 200
+    assert per_client < 100  # ~8 samples x 8-byte indices
