@@ -13,6 +13,7 @@ local training and attacks use generators keyed by ``(seed, purpose, round, clie
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -269,7 +270,7 @@ class Simulation:
             self._discard_if_empty()  # the engine refused the input before round 1
             raise
         final = to_numpy(self.reported(arrays))
-        self.writer.write_model(final, metadata={"strategy": self.cfg.strategy, "seed": str(self.cfg.seed)})
+        self.writer.write_model(final, metadata={"fedagg": json.dumps({"strategy": self.cfg.strategy, "seed": self.cfg.seed})})
         state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
         if state:
             save_arrays(self.run_dir / "strategy_state.safetensors",

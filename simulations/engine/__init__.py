@@ -43,7 +43,7 @@ LOCAL_RAY_ENV = {
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[Any]:
     """Connect to ``cfg.address`` or start a local Ray instance; shut down only what we started."""
-    if cfg.address is None:
+    if cfg.address is None or _loopback(cfg.address):
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     import ray
@@ -61,6 +61,16 @@ def ray_session(cfg: RayConfig) -> Iterator[Any]:
     finally:
         if started:
             ray.shutdown()
+
+
+def _loopback(address: str) -> bool:
+    """Whether ``address`` (``auto`` reads ``RAY_ADDRESS``) is on 127.0.0.1: Ray then needs
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read when ray is imported), else it rewrites the address
+    to the machine's network IP (docs/ray.md)."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def default_num_workers(ray: Any, cfg: RayConfig, num_clients: int) -> int:
@@ -84,7 +94,9 @@ def worker_pools(ray: Any, sim: Simulation) -> list[WorkerPool]:
     if not cfg.profiles:
         opts = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": cfg.ray.gpus_per_worker}
         _check_resources(ray, opts, "ray")
-        return [WorkerPool("default", default_num_workers(ray, cfg.ray, n), opts)]
+        pools = [WorkerPool("default", default_num_workers(ray, cfg.ray, n), opts)]
+        _check_capacity(ray, pools)
+        return pools
     table = sim.runtime.profiles
     counts = np.bincount(table.assignment, minlength=len(table.profiles))
     total = default_num_workers(ray, cfg.ray, n)
@@ -107,7 +119,23 @@ def worker_pools(ray: Any, sim: Simulation) -> list[WorkerPool]:
         _check_resources(ray, opts, where)
         workers = prof["workers"] or max(1, int(round(total * counts[i] / n)))
         pools.append(WorkerPool(prof["name"], min(workers, int(counts[i])), opts))
+    _check_capacity(ray, pools)
     return pools
+
+
+def _check_capacity(ray: Any, pools: list[WorkerPool]) -> None:
+    """All workers must fit in the cluster at once (Ray would otherwise wait forever for them)."""
+    have = ray.cluster_resources()
+    need: dict[str, float] = {}
+    for pool in pools:
+        for key, amount in {"CPU": pool.options.get("num_cpus", 0), "GPU": pool.options.get("num_gpus", 0),
+                            **pool.options.get("resources", {})}.items():
+            need[key] = need.get(key, 0.0) + pool.workers * float(amount)
+    for key, amount in need.items():
+        if amount > float(have.get(key, 0.0)) + 1e-9:
+            raise ConfigError("ray.num_workers", f"the workers need {amount:g} {key} in total but the "
+                              f"Ray cluster has {have.get(key, 0)}; use fewer workers or smaller "
+                              "cpus_per_worker / profile resources")
 
 
 def _check_resources(ray: Any, opts: dict[str, Any], where: str) -> None:

@@ -17,7 +17,7 @@ CFG = {"rounds": 3, "num_clients": 5, "clients_per_round": 4, "model": "cnn", "l
 
 def run(tmp_path, engine: str, workers: int = 2):
     cfg = load_config(None, {**CFG, "engine": engine, "out": str(tmp_path / f"{engine}{workers}"),
-                             "ray": {"num_workers": workers}})
+                             "ray": {"num_workers": workers, "cpus_per_worker": 2 / max(workers, 2)}})
     return Simulation(cfg).run()
 
 
@@ -41,7 +41,7 @@ def test_engines_agree_and_ray_is_deterministic_whatever_the_worker_count(tmp_pa
     assert ref.rows[-1]["test_accuracy"] > ref.rows[0]["test_accuracy"]  # it trained
     profiled = {"profiles": [{"name": "fast", "count": 3, "local_steps": 6},
                              {"name": "slow", "count": 2, "speed": 0.2, "resources": {"slow_worker": 1}}],
-                "simulated_time": {"deadline": 0.5}}
+                "simulated_time": {"deadline": 0.2}}
     ref_prof = Simulation(load_config(None, {**CFG, **profiled, "engine": "inline",
                                              "out": str(tmp_path / "inline-prof")})).run()
     ray.init(include_dashboard=False, num_cpus=2, resources={"slow_worker": 1}, logging_level="WARNING")
