@@ -88,6 +88,7 @@ class Simulation:
         self.probabilities, self.participation = self._participation(stream)
         self.strategy = strategies.build(cfg.strategy, **self._strategy_params())
         self.corrupt = build_corruption(cfg)
+        self.runtime.model()  # builds the model now, so bad model_args fail before any file is written
         self.test_x = torch.as_tensor(self.data.test.x, device=self.runtime.device)
         self.test_y = torch.as_tensor(self.data.test.y, device=self.runtime.device)
         # Everything above validated the input; only now does anything touch the disk.
@@ -178,7 +179,10 @@ class Simulation:
                        "test_loss": loss, "test_accuracy": acc, "seconds": 0.0, "sim_time": 0.0})
         else:
             first = self.checkpoint.round + 1
-            arrays = to_record(self.checkpoint.arrays)
+            # safetensors returns names sorted; keep the model's tensor order, which fixes the
+            # layout of flat update vectors (per-client memories, Flag's init) across a resume
+            order = list(self.initial_arrays().keys())
+            arrays = to_record({k: self.checkpoint.arrays[k] for k in order})
             clock.time = float(self.checkpoint.rows[-1].get("sim_time", 0.0)) if self.checkpoint.rows else 0.0
         bar = _Progress(cfg.rounds, enabled=self.progress)
         bar.advance(first - 1, float("nan"))
