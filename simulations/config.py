@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedagg.errors import ConfigError, unknown_name
 
@@ -37,6 +37,14 @@ class ParticipationConfig(_Strict):
     process: str = "always"
     args: dict[str, Any] = Field(default_factory=dict)
     probabilities: dict[str, Any] = Field(default_factory=lambda: {"kind": "heterogeneous"})
+
+    @field_validator("probabilities", mode="before")
+    @classmethod
+    def _default_kind(cls, value: Any) -> Any:
+        """``probabilities.mean=0.2`` alone keeps the default kind (heterogeneous)."""
+        if isinstance(value, dict) and "kind" not in value:
+            return {"kind": "heterogeneous", **value}
+        return value
 
 
 class RayConfig(_Strict):

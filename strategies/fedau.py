@@ -27,7 +27,8 @@ Participation
 Participation is a property of the environment: each round the grid offers the clients that are
 available, and these strategies train *all* of them (``clients_per_round = None``, the default).
 If ``clients_per_round`` is set, the usual seeded sampling among the available clients applies on
-top, and FedAU then estimates ``1/(p_n · q_n)`` with ``q_n`` the chance of being sampled.
+top, and FedAU then learns the inverse of the probability of being *trained* (available and
+sampled), so it compensates the sampling too.
 A client counts as having participated in round ``t`` iff the server *accepted* its reply in round
 ``t``: a reply that failed (error) or was rejected by validation (wrong shapes, NaN/Inf, update
 norm) is an absence, because the server never got a usable update — that is what the weights
@@ -44,11 +45,12 @@ per-client state by it, so an id outside ``[0, N)`` is an error (``ValueError``)
 State (``state_dict()``, saved to ``strategy_state.safetensors`` at the end of a run)
 --------------------------------------------------------------------------------------
 - ``fedau``: ``fedau.interval_sum``, ``fedau.interval_count``, ``fedau.last_participation``
-  ``(N,) int64``, ``fedau.round``, ``fedau.num_clients``, ``fedau.cutoff`` (``0`` = none) as 0-d
-  int64, plus ``fedau.weights: (N,) float64`` = ``ω_n`` for the next round (derived, ignored on
-  load). O(1) per client: 24 bytes.
+  ``(N,) int64``, ``fedau.round`` (last round with participants), ``fedau.server_round`` (last
+  round aggregated), ``fedau.num_clients``, ``fedau.cutoff`` (``0`` = none) as ``(1,) int64``, plus
+  ``fedau.weights: (N,) float64`` = ``ω_n`` for the next round (derived, ignored on load).
+  O(1) per client: 24 bytes.
 - ``mifa`` / ``fedvarp``: ``<name>.memory: (N, d) float64`` — ``8·N·d`` bytes (e.g. 100 clients ×
-  8,266 parameters = 6.6 MB; 1 GB at N = 1,000 and d = 125,000), ``<name>.seen: (N,) bool``.
+  14,154 parameters = 11.3 MB; 1 GB at N = 1,000 and d = 125,000), ``<name>.seen: (N,) bool``.
 - The stateless rules have no state.
 """
 
@@ -102,7 +104,10 @@ def _client_ids(client_ids: Sequence[int], num_clients: int) -> np.ndarray:
 def _scalar(state: dict[str, np.ndarray], key: str) -> int:
     if key not in state:
         raise ValueError(f"state has no key {key!r}")
-    return int(np.asarray(state[key]).reshape(()))
+    arr = np.asarray(state[key])
+    if arr.size != 1:
+        raise ValueError(f"state[{key!r}] must hold one value, got shape {arr.shape}")
+    return int(arr.reshape(()))
 
 
 class PopulationStrategy(DeltaStrategy):
@@ -163,6 +168,8 @@ class FedAUStrategy(PopulationStrategy):
         super().__init__(num_clients=num_clients, **kwargs)
         self.estimator = FedAUWeights(self.num_clients, cutoff, first_round=FIRST_ROUND)
         self.last_weights = np.zeros(0)
+        #: The last round passed to ``aggregate_train`` (participants or not).
+        self.server_round = FIRST_ROUND - 1
 
     @property
     def cutoff(self) -> int | None:
@@ -183,6 +190,7 @@ class FedAUStrategy(PopulationStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.last_weights = np.zeros(0)
+        self.server_round = max(self.server_round, int(server_round))
         arrays, metrics = super().aggregate_train(server_round, replies)
         report = self.last_report
         if report is not None and report.accepted and self.estimator.round < server_round:
@@ -198,6 +206,10 @@ class FedAUStrategy(PopulationStrategy):
         return {"fedau_weight_mean": float(w.mean()), "fedau_weight_min": float(w.min()),
                 "fedau_weight_max": float(w.max())}
 
+    def weights(self) -> np.ndarray:
+        """``ω_n`` every client would get in the round after the last one aggregated: ``(N,)``."""
+        return self.estimator.weights(max(self.server_round, self.estimator.round) + 1)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The estimator state (see the module docstring) plus the derived ``fedau.weights``."""
         st = self.estimator.state_dict()
@@ -205,10 +217,11 @@ class FedAUStrategy(PopulationStrategy):
             "fedau.interval_sum": st["interval_sum"],
             "fedau.interval_count": st["interval_count"],
             "fedau.last_participation": st["last_participation"],
-            "fedau.round": np.array(st["round"], dtype=np.int64),
-            "fedau.num_clients": np.array(st["num_clients"], dtype=np.int64),
-            "fedau.cutoff": np.array(st["cutoff"] or 0, dtype=np.int64),
-            "fedau.weights": self.estimator.weights(),
+            "fedau.round": np.array([st["round"]], dtype=np.int64),
+            "fedau.num_clients": np.array([st["num_clients"]], dtype=np.int64),
+            "fedau.cutoff": np.array([st["cutoff"] or 0], dtype=np.int64),
+            "fedau.server_round": np.array([self.server_round], dtype=np.int64),
+            "fedau.weights": self.weights(),
         }
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -222,6 +235,7 @@ class FedAUStrategy(PopulationStrategy):
             "num_clients": _scalar(state, "fedau.num_clients"),
             "cutoff": cutoff if cutoff > 0 else None,
         })
+        self.server_round = _scalar(state, "fedau.server_round")
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedAU: N=%d, cutoff K=%s, server_lr=%s, clients_per_round=%s",

@@ -32,7 +32,7 @@ be used in a plain Flower ``ServerApp`` too.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any, Protocol
 
@@ -62,6 +62,7 @@ __all__ = [
     "Validation",
     "apply_merge",
     "fisher_problem",
+    "held_out_loss",
 ]
 
 FISHER_KEY = "fisher"
@@ -146,6 +147,26 @@ class MergeStrategy(DeltaStrategy):
             metrics["aggregate_nonfinite"] = 1
             return None, MetricRecord(metrics)
         return to_record(new), MetricRecord(metrics)
+
+
+def held_out_loss(model: torch.nn.Module, x: np.ndarray, y: np.ndarray
+                  ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """``params -> mean cross-entropy of model(x; params)`` on ``x: (n, ...)``, ``y: (n,)``.
+
+    ``params`` maps (some of) the model's state names to tensors; the call goes through
+    ``torch.func.functional_call`` (the model's own tensors are untouched), so gradients flow to
+    ``params``. The model is put in eval mode. This is the loss a learned soup minimises.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    xt = torch.as_tensor(x, device=device)
+    yt = torch.as_tensor(y, device=device)
+
+    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        params = {k: v.to(device) for k, v in params.items()}
+        return F.cross_entropy(functional_call(model, params, (xt,), strict=False), yt)
+
+    return loss
 
 
 def _needs_validation(name: str, validation: Any) -> Validation:
@@ -373,15 +394,15 @@ class TemporalSoup(DeltaStrategy):
 
     def state_dict(self) -> dict[str, np.ndarray]:
         if self.soup is None:
-            return {"count": np.array(0, dtype=np.int64)}
+            return {"count": np.array([0], dtype=np.int64)}
         state = {f"soup/{k}": v.copy() for k, v in self.soup.items()}
-        state["count"] = np.array(self.count, dtype=np.int64)
+        state["count"] = np.array([self.count], dtype=np.int64)  # (1,): safetensors-friendly
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if "count" not in state:
             raise ValueError(f"temporal-soup state needs 'count', got keys {sorted(state)}")
-        self.count = int(state["count"])
+        self.count = int(np.asarray(state["count"]).reshape(-1)[0])
         soup = {k[len("soup/"):]: np.asarray(v, dtype=np.float64).copy()
                 for k, v in state.items() if k.startswith("soup/")}
         extra = sorted(k for k in state if k != "count" and not k.startswith("soup/"))
@@ -495,19 +516,9 @@ class LearnedSoup(MergeStrategy):
         self.lr = lr
         self.include_global = include_global
 
-    def loss_fn(self):
+    def loss_fn(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         """``params -> mean cross-entropy`` of the server model on the validation split."""
-        model = self.validation.model()
-        model.eval()
-        device = next(model.parameters()).device
-        x = torch.as_tensor(self.validation.x, device=device)
-        y = torch.as_tensor(self.validation.y, device=device)
-
-        def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            params = {k: v.to(device) for k, v in params.items()}
-            return F.cross_entropy(functional_call(model, params, (x,), strict=False), y)
-
-        return loss
+        return held_out_loss(self.validation.model(), self.validation.x, self.validation.y)
 
     def merge_models(self, server_round, global_, models, replies):
         ingredients = [*models, global_] if self.include_global else list(models)

@@ -156,3 +156,11 @@ def _register_transformer() -> None:
 
 
 _register_transformer()
+
+
+def _register_pretrained_kinds() -> None:
+    # fedins, ssf, head-only, finetune: frozen-backbone model kinds (fedagg/models/fedins.py)
+    from fedagg.models import fedins as _fedins  # noqa: F401
+
+
+_register_pretrained_kinds()

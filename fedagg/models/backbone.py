@@ -34,7 +34,7 @@ Example
 ...         return torch.relu(self.body(x))
 ...     def forward(self, x):
 ...         return self.head(self.features(x))
->>> register_backbone("doc-tiny", lambda shape, k, gen: Tiny(shape[-1], k), overwrite=True)
+>>> _ = register_backbone("doc-tiny", lambda shape, k, gen: Tiny(shape[-1], k), overwrite=True)
 >>> bb = load_backbone("doc-tiny", input_shape=(40,), num_classes=10)
 >>> bb.feature_fn(bb.module, torch.zeros(2, 40)).shape
 torch.Size([2, 8])
@@ -89,7 +89,7 @@ class PretrainRecipe:
     """
 
     arch: Mapping[str, Any]
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -254,19 +254,29 @@ def load_backbone(
     seed = entry.recipe.seed if entry.recipe is not None else 0
     module = entry.build(shape, classes, torch_generator(seed, "backbone-init"))
     src = str(weights) if weights is not None else entry.weights
-    key = (entry.name, src, shape, classes)
+    where = src if src is not None else (
+        str(backbone_cache_path(entry.name, entry.recipe)) if entry.recipe is not None else None)
+    stamp = Path(where).stat().st_mtime_ns if where is not None and Path(where).is_file() else None
+    key = (entry.name, where, stamp, shape, classes)
     if key not in _STATE_MEMO:
         if src is not None:
             _STATE_MEMO[key] = _read_state(Path(src), "model_args.weights")
         elif entry.recipe is not None:
             path = backbone_cache_path(entry.name, entry.recipe)
-            if not path.is_file():
+            state = None
+            if path.is_file():
+                try:
+                    state = _read_state(path, "model_args.backbone")
+                except ConfigError:
+                    path.unlink(missing_ok=True)  # corrupt cache entry: pretrain again
+            if state is None:
                 if not pretrain_if_missing:
                     raise ConfigError("model_args.backbone", f"{path} is not cached; run "
                                       f"python -m simulations.pretrain --backbone {entry.name}")
                 pretrained, report = pretrain(entry.recipe)
                 save_backbone(path, pretrained, entry.recipe, report)
-            _STATE_MEMO[key] = _read_state(path, "model_args.backbone")
+                state = _read_state(path, "model_args.backbone")
+            _STATE_MEMO[key] = state
         else:
             _STATE_MEMO[key] = {}
     state = _STATE_MEMO[key]
@@ -421,10 +431,10 @@ def _transformer_build(arch: Mapping[str, Any]) -> BuildFn:
 
 
 DEFAULT_RECIPE = PretrainRecipe(arch={"dim": 64, "depth": 2, "heads": 4, "patch": 4,
-                                      "mlp_ratio": 2.0, "pool": "cls"})
-QUICK_RECIPE = PretrainRecipe(arch={"dim": 16, "depth": 1, "heads": 2, "patch": 4,
+                                      "mlp_ratio": 2.0, "pool": "cls"}, steps=1500)
+QUICK_RECIPE = PretrainRecipe(arch={"dim": 16, "depth": 1, "heads": 2, "patch": 8,
                                     "mlp_ratio": 2.0, "pool": "cls"},
-                              steps=300, batch_size=64, lr=3e-3, num_samples=1000)
+                              steps=200, batch_size=64, lr=1e-2, num_samples=1000)
 
 register_backbone(
     "mnist1d-transformer", _transformer_build(DEFAULT_RECIPE.arch), recipe=DEFAULT_RECIPE,
@@ -432,5 +442,5 @@ register_backbone(
         "canonical MNIST-1D (data_seed 7, 6,400 training signals).")
 register_backbone(
     "mnist1d-transformer-quick", _transformer_build(QUICK_RECIPE.arch), recipe=QUICK_RECIPE,
-    doc="Tiny transformer (d=16, 1 block) pretrained for 300 steps on 800 signals: tests and "
-        "smoke runs only (a few seconds).")
+    doc="Tiny transformer (d=16, 1 block, patch 8) pretrained for 200 steps on 800 signals: "
+        "tests and smoke runs only (a few seconds, ~35 % source accuracy).")

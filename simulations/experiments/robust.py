@@ -1,0 +1,554 @@
+"""``python -m simulations.experiments.robust``: the Byzantine-robustness grid of docs/robust.md.
+
+    nice -n 10 python -m simulations.experiments.robust            # the full grid
+    python -m simulations.experiments.robust --quick               # smoke run: 1 seed, 3 rounds
+
+Runs every (f × attack × aggregator × seed) of ``simulations/configs/robust_mnist1d.yaml`` (f = 0:
+every aggregator without attack) with the inline engine, ``--workers`` runs at a time (process
+pool, at most 2), into ``--out/f<f>/<attack>/<aggregator>/seed-<s>/`` (default
+``runs/robust_mnist1d``; ``--quick`` uses ``runs/robust_mnist1d_quick``). Finished runs are reused
+(``--fresh`` redoes them; ``--report-only`` runs nothing).
+
+Then it writes ``results.json`` into ``--out``, the tables between ``<!-- robust:results -->`` and
+``<!-- /robust:results -->`` in ``--docs`` (default ``docs/robust.md``; ``--quick`` writes no docs
+unless ``--docs`` is given) and three figures into ``--figures`` (default ``docs/figures``):
+``robust_heatmap.png`` (aggregator × attack at the largest f, final test accuracy, with the
+worst case over attacks as ByzFL reports it), ``robust_curves.png`` (test accuracy per round at
+the largest f, one panel per attack) and ``robust_vs_f.png`` (worst case over attacks against f).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedagg.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust_mnist1d.yaml"
+MARK = "robust:results"
+NO_ATTACK = "none"
+_KEYS = ("seeds", "seeds_by_f", "f", "base", "attacks", "aggregators", "quick")
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+# ------------------------------------------------------------------------------ config
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict update (mappings merge, anything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
+    """The experiment mapping; ``quick`` applies the ``quick`` section (its ``base`` merges into
+    ``base``, other keys replace)."""
+    from simulations.config import read_yaml
+
+    exp = read_yaml(path)
+    for key in ("seeds", "f", "base", "attacks", "aggregators"):
+        if key not in exp:
+            raise ConfigError(key, f"{path} has no {key!r} section")
+    extra = sorted(set(exp) - set(_KEYS))
+    if extra:
+        raise ConfigError(extra[0], f"unknown key; allowed: {', '.join(sorted(_KEYS))}")
+    if quick:
+        q = dict(exp.get("quick") or {})
+        exp["base"] = _merge(exp["base"], q.pop("base", {}))
+        exp.update(q)
+    exp.pop("quick", None)
+    exp["seeds_by_f"] = {int(k): [int(s) for s in v] for k, v in (exp.get("seeds_by_f") or {}).items()}
+    if not exp["seeds"] or not exp["f"] or not exp["attacks"] or not exp["aggregators"]:
+        raise ConfigError("seeds", "need at least one seed, f, attack and aggregator")
+    if NO_ATTACK in exp["attacks"]:
+        raise ConfigError(f"attacks.{NO_ATTACK}", "reserved for the f = 0 runs")
+    return exp
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One run of the grid."""
+
+    f: int
+    attack: str
+    aggregator: str
+    seed: int
+    config: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["out"])
+
+    @property
+    def name(self) -> str:
+        return f"f{self.f}/{self.attack}/{self.aggregator}/seed-{self.seed}"
+
+
+def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
+    """Every cell of the grid, validated up front (a ConfigError names the cell)."""
+    from simulations.config import build_config
+
+    jobs = []
+    for f in exp["f"]:
+        f = int(f)
+        seeds = exp["seeds_by_f"].get(f, exp["seeds"])
+        attack_items = [(NO_ATTACK, {})] if f == 0 else list(exp["attacks"].items())
+        for attack, a_over in attack_items:
+            for agg, g_over in exp["aggregators"].items():
+                for seed in seeds:
+                    data = _merge(_merge(exp["base"], g_over or {}), a_over or {})
+                    data.update(seed=int(seed), num_byzantine=f,
+                                out=str(out / f"f{f}" / attack / agg / f"seed-{seed}"))
+                    if f == 0:
+                        data.pop("attack", None)
+                        data.pop("attack_args", None)
+                    try:
+                        build_config(data)
+                    except ConfigError as exc:
+                        raise ConfigError(f"f{f}.{attack}.{agg}.{exc.field}", exc.message) from None
+                    jobs.append(Job(f, attack, agg, int(seed), data))
+    return jobs
+
+
+# ------------------------------------------------------------------------------ running
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
+    """Run (or reuse) one simulation; return its summary (plus ``reused``)."""
+    if finished(job.run_dir) and not fresh:
+        return {**json.loads((job.run_dir / "summary.json").read_text()), "reused": True}
+    import torch
+
+    from simulations.config import build_config
+    from simulations.runner import Simulation
+
+    torch.set_num_threads(1)
+    _quiet_logs()
+    t0 = time.process_time()
+    result = Simulation(build_config(job.config), overwrite=True).run()
+    return {**result.summary, "cpu_seconds": time.process_time() - t0, "reused": False}
+
+
+def _quiet_logs() -> None:
+    """Flower logs every round at INFO; keep warnings only (rejections are expected here)."""
+    import logging
+
+    import flwr  # noqa: F401
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("fedagg").setLevel(logging.ERROR)
+
+
+def _quiet_worker() -> None:
+    """Pool worker set-up: one BLAS/OpenMP thread per run (runs are the parallelism)."""
+    for var in _THREAD_VARS:
+        os.environ[var] = "1"
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - optional
+        pass
+    _quiet_logs()
+
+
+def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
+            echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run ``jobs`` (``workers`` ≤ 2 at a time); ``{job.name: summary}``."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = max(1, min(int(workers), 2))
+    todo = [j for j in jobs if fresh or not finished(j.run_dir)]
+    done = {j.name: {**json.loads((j.run_dir / "summary.json").read_text()), "reused": True}
+            for j in jobs if j not in todo}
+    if done:
+        echo(f"reusing {len(done)} finished runs")
+    if not todo:
+        return done
+    t0 = time.perf_counter()
+
+    def report(i: int, job: Job, s: Mapping[str, Any]) -> None:
+        echo(f"[{i}/{len(todo)}] {job.name}: {100 * s['final_test_accuracy']:.1f} % "
+             f"({s.get('cpu_seconds', 0.0):.1f} s CPU, {time.perf_counter() - t0:.0f} s elapsed)")
+
+    for var in _THREAD_VARS:  # inherited by spawned workers before they import numpy
+        os.environ[var] = "1"
+    if workers == 1:
+        _quiet_worker()
+        for i, job in enumerate(todo, 1):
+            done[job.name] = s = run_job(job, fresh)
+            report(i, job, s)
+        return done
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=_quiet_worker) as pool:
+        futures = {pool.submit(run_job, job, fresh): job for job in todo}
+        for i, fut in enumerate(as_completed(futures), 1):
+            job = futures[fut]
+            done[job.name] = s = fut.result()
+            report(i, job, s)
+    return done
+
+
+# ------------------------------------------------------------------------------ results
+def run_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(rounds, test accuracy)`` of the evaluated rounds of a run (round 0 included)."""
+    from simulations.results import read_metrics
+
+    rows = read_metrics(run_dir)
+    pts = [(float(r["round"]), float(r["test_accuracy"])) for r in rows
+           if r.get("test_accuracy") not in (None, "") and math.isfinite(float(r["test_accuracy"]))]
+    arr = np.array(pts, dtype=np.float64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
+def _column_total(run_dir: Path, key: str) -> float:
+    from simulations.results import read_metrics
+
+    vals = [r.get(key) for r in read_metrics(run_dir) if r.get("phase") == "train"]
+    return float(sum(float(v) for v in vals if v not in (None, "") and math.isfinite(float(v))))
+
+
+def collect(jobs: Sequence[Job]) -> dict[str, Any]:
+    """``results[f][attack][aggregator]``: per-seed final accuracy, curves, rejected/infeasible
+    counts, CPU seconds; JSON-ready."""
+    out: dict[str, Any] = {}
+    for job in jobs:
+        if not finished(job.run_dir):
+            continue
+        rounds, acc = run_curve(job.run_dir)
+        summary = json.loads((job.run_dir / "summary.json").read_text())
+        cell = out.setdefault(str(job.f), {}).setdefault(job.attack, {}).setdefault(
+            job.aggregator, {"seeds": [], "final": [], "rounds": rounds.tolist(), "curves": [],
+                             "rejected": [], "infeasible": [], "wall_seconds": []})
+        cell["seeds"].append(job.seed)
+        cell["final"].append(float(acc[-1]))
+        cell["curves"].append(acc.tolist())
+        cell["rejected"].append(_column_total(job.run_dir, "rejected"))
+        cell["infeasible"].append(_column_total(job.run_dir, "infeasible"))
+        cell["wall_seconds"].append(float(summary["wall_seconds"]))
+    return out
+
+
+def cell_mean(results: Mapping[str, Any], f: int, attack: str, agg: str) -> float:
+    cell = results.get(str(f), {}).get(attack, {}).get(agg)
+    return float(np.mean(cell["final"])) if cell and cell["final"] else float("nan")
+
+
+def worst_case(results: Mapping[str, Any], f: int, agg: str, attacks: Sequence[str]) -> float:
+    """ByzFL's worst case: the minimum over attacks of the seed-averaged final accuracy (f = 0:
+    the clean accuracy); NaN if a cell is missing."""
+    if f == 0:
+        return cell_mean(results, 0, NO_ATTACK, agg)
+    vals = [cell_mean(results, f, a, agg) for a in attacks]
+    return float("nan") if not vals or any(math.isnan(v) for v in vals) else min(vals)
+
+
+def _fmt(values: Sequence[float] | None) -> str:
+    if not values:
+        return "–"
+    v = 100 * np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
+
+
+def _bold_best(cells: dict[str, str], means: dict[str, float]) -> dict[str, str]:
+    finite = {k: v for k, v in means.items() if not math.isnan(v)}
+    if finite:
+        best = max(finite.values())
+        for k, v in finite.items():
+            if v >= best - 1e-12:
+                cells[k] = f"**{cells[k]}**"
+    return cells
+
+
+def attack_table(results: Mapping[str, Any], f: int, attacks: Sequence[str],
+                 aggs: Sequence[str], labels: Mapping[str, str]) -> str:
+    """Rows = aggregators; columns = clean (f = 0), each attack at ``f``, worst case. Cells:
+    final test accuracy, mean ± std over seeds (%); the best of each column in bold."""
+    cols = ["clean (f=0)", *[labels.get(a, a) for a in attacks], "worst case"]
+    grid: dict[str, dict[str, str]] = {a: {} for a in aggs}
+    for j, col in enumerate(cols):
+        cells, means = {}, {}
+        for agg in aggs:
+            if j == 0:
+                cell = results.get("0", {}).get(NO_ATTACK, {}).get(agg)
+                cells[agg], means[agg] = _fmt(cell["final"] if cell else None), cell_mean(results, 0, NO_ATTACK, agg)
+            elif j == len(cols) - 1:
+                w = worst_case(results, f, agg, attacks)
+                cells[agg], means[agg] = ("–" if math.isnan(w) else f"{100 * w:.1f}"), w
+            else:
+                a = attacks[j - 1]
+                cell = results.get(str(f), {}).get(a, {}).get(agg)
+                cells[agg], means[agg] = _fmt(cell["final"] if cell else None), cell_mean(results, f, a, agg)
+        for agg, text in _bold_best(cells, means).items():
+            grid[agg][col] = text
+    lines = ["| aggregator | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {agg} | " + " | ".join(grid[agg][c] for c in cols) + " |" for agg in aggs]
+    return "\n".join(lines)
+
+
+def worst_table(results: Mapping[str, Any], fs: Sequence[int], attacks: Sequence[str],
+                aggs: Sequence[str]) -> str:
+    """Rows = aggregators, columns = f: worst case over attacks (f = 0: clean), % ."""
+    grid: dict[str, dict[int, str]] = {a: {} for a in aggs}
+    for f in fs:
+        means = {agg: worst_case(results, f, agg, attacks) for agg in aggs}
+        cells = {agg: "–" if math.isnan(v) else f"{100 * v:.1f}" for agg, v in means.items()}
+        for agg, text in _bold_best(cells, means).items():
+            grid[agg][f] = text
+    lines = ["| aggregator | " + " | ".join(f"f={f}" for f in fs) + " |", "|---|" + "---:|" * len(fs)]
+    lines += [f"| {agg} | " + " | ".join(grid[agg][f] for f in fs) + " |" for agg in aggs]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ figures
+def _style(agg: str, i: int) -> dict[str, Any]:
+    """Line style: FA variants thick red, the mean black, the others tab10 dashed."""
+    import matplotlib.pyplot as plt
+
+    if agg == "flag":
+        return {"color": "tab:red", "lw": 2.4, "ls": "-"}
+    if agg.startswith("flag"):
+        return {"color": "darkred", "lw": 2.0, "ls": "-."}
+    if agg == "mean":
+        return {"color": "black", "lw": 1.6, "ls": "-"}
+    others = [c for c in plt.get_cmap("tab10").colors if c != plt.get_cmap("tab10").colors[3]]
+    return {"color": others[i % len(others)], "lw": 1.2, "ls": "--"}
+
+
+def plot_heatmap(results: Mapping[str, Any], f: int, attacks: Sequence[str], aggs: Sequence[str],
+                 labels: Mapping[str, str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ["clean\n(f=0)", *[labels.get(a, a) for a in attacks], "worst\ncase"]
+    M = np.full((len(aggs), len(cols)), np.nan)
+    for i, agg in enumerate(aggs):
+        M[i, 0] = cell_mean(results, 0, NO_ATTACK, agg)
+        for j, a in enumerate(attacks, 1):
+            M[i, j] = cell_mean(results, f, a, agg)
+        M[i, -1] = worst_case(results, f, agg, attacks)
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.45 * len(aggs) + 1.6))
+    im = ax.imshow(100 * M, cmap="viridis", vmin=0, vmax=max(60.0, float(np.nanmax(100 * M))),
+                   aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_yticks(range(len(aggs)), aggs, fontsize=8)
+    ax.axvline(len(cols) - 1.5, color="white", lw=2)
+    ax.axvline(0.5, color="white", lw=2)
+    for i in range(len(aggs)):
+        for j in range(len(cols)):
+            if not np.isnan(M[i, j]):
+                ax.text(j, i, f"{100 * M[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if M[i, j] < 0.35 else "black")
+    ax.set_title(f"MNIST-1D, 15 clients, f = {f} Byzantine: final test accuracy (%)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(results: Mapping[str, Any], f: int, attacks: Sequence[str], aggs: Sequence[str],
+                labels: Mapping[str, str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = 3
+    nrow = math.ceil(len(attacks) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), sharey=True,
+                             squeeze=False)
+    for k, a in enumerate(attacks):
+        ax = axes[k // ncol][k % ncol]
+        for i, agg in enumerate(aggs):
+            cell = results.get(str(f), {}).get(a, {}).get(agg)
+            if not cell:
+                continue
+            curves = np.array(cell["curves"], dtype=np.float64)
+            ax.plot(cell["rounds"], 100 * curves.mean(axis=0), label=agg, **_style(agg, i))
+        ax.set_title(f"{labels.get(a, a)}, f = {f}", fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    for k in range(len(attacks), nrow * ncol):
+        axes[k // ncol][k % ncol].axis("off")
+    for row in axes:
+        row[0].set_ylabel("test accuracy (%)")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_vs_f(results: Mapping[str, Any], fs: Sequence[int], attacks: Sequence[str],
+              aggs: Sequence[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for i, agg in enumerate(aggs):
+        ys = [100 * worst_case(results, f, agg, attacks) for f in fs]
+        ax.plot(fs, ys, marker="o", label=agg, **_style(agg, i))
+    ax.set_xticks(list(fs))
+    ax.set_xlabel("Byzantine clients f (of 15)")
+    ax.set_ylabel("worst-case test accuracy (%)")
+    ax.set_title("worst case over attacks (f = 0: no attack)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ report
+LABELS = {"ipm-0.1": "ipm(0.1)", "ipm-100": "ipm(100)"}
+
+
+def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], cpu_seconds: float,
+                    runs: int) -> str:
+    attacks = list(exp["attacks"])
+    aggs = list(exp["aggregators"])
+    fs = sorted(int(f) for f in exp["f"])
+    fmax = max(fs)
+    base = exp["base"]
+    seeds_max = exp["seeds_by_f"].get(fmax, exp["seeds"])
+    parts = [
+        f"Setting: {base.get('dataset')} ({base.get('partition')}), {base.get('num_clients')} "
+        f"clients all training every round, model `{base.get('model')}`, {base.get('rounds')} rounds "
+        f"of {base.get('local_steps')} local steps (batch {base.get('batch_size')}, lr "
+        f"{base.get('lr')}, momentum {base.get('momentum')}). Cells: final test accuracy (%), mean ± "
+        f"std over seeds {seeds_max} at f = 0 and f = {fmax}; f = 1, 2 use seeds "
+        f"{ {f: exp['seeds_by_f'].get(f, exp['seeds']) for f in fs if f not in (0, fmax)} }. "
+        f"{runs} runs, {cpu_seconds / 60:.0f} CPU minutes in total.",
+        "",
+        f"### Aggregator × attack at f = {fmax} (of {base.get('num_clients')})",
+        "",
+        attack_table(results, fmax, attacks, aggs, LABELS),
+        "",
+        "![heatmap](figures/robust_heatmap.png)",
+        "",
+        "### Worst case over attacks against f",
+        "",
+        worst_table(results, fs, attacks, aggs),
+        "",
+        "![worst case vs f](figures/robust_vs_f.png)",
+        "",
+        f"### Test accuracy per round at f = {fmax}",
+        "",
+        "![curves](figures/robust_curves.png)",
+    ]
+    for f in fs:
+        if f in (0, fmax):
+            continue
+        parts += ["", f"### Aggregator × attack at f = {f}", "",
+                  attack_table(results, f, attacks, aggs, LABELS)]
+    rej = []
+    for f in fs:
+        for a in attacks if f else [NO_ATTACK]:
+            for agg in aggs:
+                cell = results.get(str(f), {}).get(a, {}).get(agg)
+                if cell and sum(cell["infeasible"]) > 0:
+                    rej.append(f"{agg} (f={f}, {LABELS.get(a, a)}): {int(sum(cell['infeasible']))}")
+    parts += ["", "Rounds skipped as infeasible (global model kept): "
+              + (", ".join(rej) if rej else "none") + "."]
+    return "\n".join(parts)
+
+
+def write_docs(markdown: str, docs: Path) -> Path:
+    """Replace the block between the result markers of ``docs`` (appended if absent)."""
+    from simulations.results import atomic_write_text
+
+    start, end = f"<!-- {MARK} -->", f"<!-- /{MARK} -->"
+    text = docs.read_text() if docs.exists() else "# Byzantine-robust aggregation\n"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(docs, text)
+    return docs
+
+
+# ------------------------------------------------------------------------------ CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.robust",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--quick", action="store_true", help="the config's quick section")
+    parser.add_argument("--out", default=None, help="runs directory")
+    parser.add_argument("--workers", type=int, default=2, help="parallel runs (at most 2)")
+    parser.add_argument("--fresh", action="store_true", help="redo finished runs")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; report")
+    parser.add_argument("--docs", default=None, help="markdown page to update")
+    parser.add_argument("--figures", default=None, help="figure directory")
+    args = parser.parse_args(argv)
+    root = Path(__file__).resolve().parents[2]
+    try:
+        exp = load_experiment(args.config, quick=args.quick)
+        out = Path(args.out or ("runs/robust_mnist1d_quick" if args.quick else "runs/robust_mnist1d"))
+        jobs = make_jobs(exp, out)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(jobs)} runs into {out}")
+    t0 = time.perf_counter()
+    summaries = {} if args.report_only else run_all(jobs, workers=args.workers, fresh=args.fresh)
+    results = collect(jobs)
+    cpu = sum(float(s.get("cpu_seconds", s.get("wall_seconds", 0.0))) for s in summaries.values()
+              if not s.get("reused"))
+    out.mkdir(parents=True, exist_ok=True)
+    prev = out / "results.json"
+    if prev.exists() and cpu == 0.0:
+        cpu = float(json.loads(prev.read_text()).get("cpu_seconds", 0.0))
+    elif prev.exists():
+        cpu += float(json.loads(prev.read_text()).get("cpu_seconds", 0.0))
+    (out / "results.json").write_text(json.dumps({"cpu_seconds": cpu, "results": results}))
+    done = sum(1 for j in jobs if finished(j.run_dir))
+    md = report_markdown(results, exp, cpu, done)
+    print(md)
+    figures = Path(args.figures) if args.figures else (None if args.quick else root / "docs" / "figures")
+    if figures is not None:
+        attacks, aggs = list(exp["attacks"]), list(exp["aggregators"])
+        fmax = max(int(f) for f in exp["f"])
+        plot_heatmap(results, fmax, attacks, aggs, LABELS, figures / "robust_heatmap.png")
+        plot_curves(results, fmax, attacks, aggs, LABELS, figures / "robust_curves.png")
+        plot_vs_f(results, sorted(int(f) for f in exp["f"]), attacks, aggs, figures / "robust_vs_f.png")
+    docs = Path(args.docs) if args.docs else (None if args.quick else root / "docs" / "robust.md")
+    if docs is not None:
+        print(f"recorded in {write_docs(md, docs)}")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
