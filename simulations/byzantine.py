@@ -116,7 +116,9 @@ class Corruption:
 
     def __call__(self, server_round: int, replies: list[Message],
                  broadcast: RecordDict | None) -> list[Message]:
-        byz = [m for m in replies if not m.has_error() and int(m.metadata.src_node_id) in self.ids]
+        # sorted by client id: the attack's input does not depend on the order replies arrived in
+        ordered = sorted(replies, key=lambda m: int(m.metadata.src_node_id))
+        byz = [m for m in ordered if not m.has_error() and int(m.metadata.src_node_id) in self.ids]
         self.counts[server_round] = len(byz)
         if not byz or self.attack.data_attack or broadcast is None:
             return replies
@@ -144,7 +146,7 @@ class Corruption:
             return replies
         own = np.stack([d for _, d in own_list])
         f = own.shape[0]
-        honest_list = [delta(m) for m in replies
+        honest_list = [delta(m) for m in ordered
                        if not m.has_error() and int(m.metadata.src_node_id) not in self.ids]
         honest_list = [d for d in honest_list if d is not None]
         if not honest_list:

@@ -101,6 +101,13 @@ class FlagAggregator(Aggregator):
     cache_init : bool
         The random ``Y_0`` depends only on ``(seed, d, m)``, so it is drawn once and kept
         (``d·m`` floats) instead of being redrawn on every call as the reference does.
+    scale : {"reference", "median-norm"}
+        ``reference``: the output as above, built from unit-normalised updates (``‖·‖ ≤ p/m``
+        whatever the update norms: a normalised direction). ``median-norm`` (not in the reference):
+        multiply it by ``(m/p)·median_i ‖g_i‖`` (finite rows), so that ``p`` identical updates
+        ``g`` return ``g`` and the output has the units of the updates, like every other rule;
+        the median norm is robust while fewer than half the updates are Byzantine. Useful when
+        the updates are multi-step model deltas whose size shrinks during training.
     solver : {"gram", "svd"}
         Fast Gram/eigh path or the straightforward thin-SVD path (same result to ~1e-10).
 
@@ -129,6 +136,8 @@ class FlagAggregator(Aggregator):
         Param("solver", str, "gram", "gram (fast, eigh of p×p) or svd (thin SVD of d×p)",
               choices=("gram", "svd")),
         Param("cache_init", bool, True, "keep the random init between calls (d·m floats)"),
+        Param("scale", str, "reference", "output length: reference (‖·‖ ≤ p/m, from unit "
+              "updates) or median-norm (× (m/p)·median‖g_i‖)", choices=("reference", "median-norm")),
     )
     tolerates_nonfinite: ClassVar[bool] = True
 
@@ -144,9 +153,13 @@ class FlagAggregator(Aggregator):
         y0: Any = None,
         solver: str = "gram",
         cache_init: bool = True,
+        scale: str = "reference",
     ) -> None:
         if init not in ("random", "svd") or solver not in ("gram", "svd"):
             raise ValueError(f"flag: bad init {init!r} or solver {solver!r}")
+        if scale not in ("reference", "median-norm"):
+            raise ValueError(f"flag: bad scale {scale!r}; allowed: reference, median-norm")
+        self.scale = scale
         if lam < 0 or eps <= 0 or iterations < 0 or (m is not None and m < 1):
             raise ValueError("flag: need lam >= 0, eps > 0, iterations >= 0, m >= 1")
         self.m, self.lam, self.iterations = m, float(lam), int(iterations)
@@ -196,10 +209,15 @@ class FlagAggregator(Aggregator):
         inv = np.where(ok, 1.0 / np.maximum(np.sqrt(sq), NORM_FLOOR), 0.0)
         if m >= d:  # Y Yᵀ = I: the output is Σ ĝ_i / m
             self.objective_trace = [_objective(sq * inv * inv)]
-            return combine(X, inv / m)
-        if self.solver == "svd":
-            return self._svd_path(X, inv, m)
-        return self._gram_path(X, G, inv, m)
+            out = combine(X, inv / m)
+        elif self.solver == "svd":
+            out = self._svd_path(X, inv, m)
+        else:
+            out = self._gram_path(X, G, inv, m)
+        if self.scale == "median-norm":
+            med = float(np.median(np.sqrt(sq[ok]))) if ok.any() else 0.0
+            out = out * np.asarray(med * m / p, dtype=out.dtype)
+        return out
 
     # -- fast path ------------------------------------------------------------------------------
     def _gram_path(self, X: np.ndarray, G: np.ndarray, inv: np.ndarray, m: int) -> np.ndarray:

@@ -38,6 +38,9 @@ from fedagg.errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust_mnist1d.yaml"
 MARK = "robust:results"
 NO_ATTACK = "none"
+#: Written instead of summary.json when the runner stops a run early (``RunError``): e.g. the mean
+#: under ipm(100) diverges until every update is rejected as non-finite or absurd.
+FAILED = "failed.json"
 _KEYS = ("seeds", "seeds_by_f", "f", "base", "attacks", "aggregators", "quick")
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -126,22 +129,41 @@ def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
 
 # ------------------------------------------------------------------------------ running
 def finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
+    """A run is done when it wrote its summary, or stopped early (``failed.json``, see
+    :func:`run_job`)."""
+    return (run_dir / "summary.json").is_file() or (run_dir / FAILED).is_file()
+
+
+def _done_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        path = run_dir / FAILED
+    return {**json.loads(path.read_text()), "reused": True}
 
 
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
     """Run (or reuse) one simulation; return its summary (plus ``reused``)."""
     if finished(job.run_dir) and not fresh:
-        return {**json.loads((job.run_dir / "summary.json").read_text()), "reused": True}
+        return _done_summary(job.run_dir)
     import torch
 
     from simulations.config import build_config
-    from simulations.runner import Simulation
+    from simulations.results import atomic_write_text
+    from simulations.runner import RunError, Simulation
 
     torch.set_num_threads(1)
     _quiet_logs()
+    (job.run_dir / FAILED).unlink(missing_ok=True)
     t0 = time.process_time()
-    result = Simulation(build_config(job.config), overwrite=True).run()
+    try:
+        result = Simulation(build_config(job.config), overwrite=True).run()
+    except RunError as exc:  # diverged: keep the completed rounds, record why it stopped
+        rounds, acc = run_curve(job.run_dir)
+        info = {"error": str(exc), "last_round": int(rounds[-1]),
+                "final_test_accuracy": float(acc[-1]), "wall_seconds": 0.0,
+                "cpu_seconds": time.process_time() - t0}
+        atomic_write_text(job.run_dir / FAILED, json.dumps(info))
+        return {**info, "reused": False}
     return {**result.summary, "cpu_seconds": time.process_time() - t0, "reused": False}
 
 
@@ -176,8 +198,7 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
 
     workers = max(1, min(int(workers), 2))
     todo = [j for j in jobs if fresh or not finished(j.run_dir)]
-    done = {j.name: {**json.loads((j.run_dir / "summary.json").read_text()), "reused": True}
-            for j in jobs if j not in todo}
+    done = {j.name: _done_summary(j.run_dir) for j in jobs if j not in todo}
     if done:
         echo(f"reusing {len(done)} finished runs")
     if not todo:
@@ -185,8 +206,10 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
     t0 = time.perf_counter()
 
     def report(i: int, job: Job, s: Mapping[str, Any]) -> None:
+        stopped = f", stopped: {s['error']}" if "error" in s else ""
         echo(f"[{i}/{len(todo)}] {job.name}: {100 * s['final_test_accuracy']:.1f} % "
-             f"({s.get('cpu_seconds', 0.0):.1f} s CPU, {time.perf_counter() - t0:.0f} s elapsed)")
+             f"({s.get('cpu_seconds', 0.0):.1f} s CPU, {time.perf_counter() - t0:.0f} s elapsed"
+             f"{stopped})", )
 
     for var in _THREAD_VARS:  # inherited by spawned workers before they import numpy
         os.environ[var] = "1"
@@ -220,6 +243,12 @@ def run_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return arr[:, 0], arr[:, 1]
 
 
+def expected_rounds(config: Mapping[str, Any]) -> list[float]:
+    """The rounds a complete run evaluates: 0, every ``eval_every``-th, and the last."""
+    total, every = int(config.get("rounds", 20)), int(config.get("eval_every", 1))
+    return [0.0, *(float(r) for r in range(1, total + 1) if r % every == 0 or r == total)]
+
+
 def _column_total(run_dir: Path, key: str) -> float:
     from simulations.results import read_metrics
 
@@ -235,10 +264,15 @@ def collect(jobs: Sequence[Job]) -> dict[str, Any]:
         if not finished(job.run_dir):
             continue
         rounds, acc = run_curve(job.run_dir)
-        summary = json.loads((job.run_dir / "summary.json").read_text())
+        summary = _done_summary(job.run_dir)
+        expected = expected_rounds(job.config)
+        stopped = "error" in summary
+        if stopped and len(acc) < len(expected):  # carry the last evaluation forward
+            acc = np.concatenate([acc, np.full(len(expected) - len(acc), acc[-1])])
         cell = out.setdefault(str(job.f), {}).setdefault(job.attack, {}).setdefault(
-            job.aggregator, {"seeds": [], "final": [], "rounds": rounds.tolist(), "curves": [],
-                             "rejected": [], "infeasible": [], "wall_seconds": []})
+            job.aggregator, {"seeds": [], "final": [], "rounds": expected, "curves": [],
+                             "rejected": [], "infeasible": [], "wall_seconds": [], "stopped": []})
+        cell["stopped"].append(int(stopped))
         cell["seeds"].append(job.seed)
         cell["final"].append(float(acc[-1]))
         cell["curves"].append(acc.tolist())
@@ -262,11 +296,16 @@ def worst_case(results: Mapping[str, Any], f: int, agg: str, attacks: Sequence[s
     return float("nan") if not vals or any(math.isnan(v) for v in vals) else min(vals)
 
 
-def _fmt(values: Sequence[float] | None) -> str:
+def _fmt(values: Sequence[float] | None, stopped: int = 0) -> str:
     if not values:
         return "–"
     v = 100 * np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
+    text = f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
+    return text + (" †" * (stopped > 0))
+
+
+def _cell_text(cell: Mapping[str, Any] | None) -> str:
+    return _fmt(cell["final"], sum(cell.get("stopped", []))) if cell else "–"
 
 
 def _bold_best(cells: dict[str, str], means: dict[str, float]) -> dict[str, str]:
@@ -290,14 +329,14 @@ def attack_table(results: Mapping[str, Any], f: int, attacks: Sequence[str],
         for agg in aggs:
             if j == 0:
                 cell = results.get("0", {}).get(NO_ATTACK, {}).get(agg)
-                cells[agg], means[agg] = _fmt(cell["final"] if cell else None), cell_mean(results, 0, NO_ATTACK, agg)
+                cells[agg], means[agg] = _cell_text(cell), cell_mean(results, 0, NO_ATTACK, agg)
             elif j == len(cols) - 1:
                 w = worst_case(results, f, agg, attacks)
                 cells[agg], means[agg] = ("–" if math.isnan(w) else f"{100 * w:.1f}"), w
             else:
                 a = attacks[j - 1]
                 cell = results.get(str(f), {}).get(a, {}).get(agg)
-                cells[agg], means[agg] = _fmt(cell["final"] if cell else None), cell_mean(results, f, a, agg)
+                cells[agg], means[agg] = _cell_text(cell), cell_mean(results, f, a, agg)
         for agg, text in _bold_best(cells, means).items():
             grid[agg][col] = text
     lines = ["| aggregator | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -432,8 +471,7 @@ def plot_vs_f(results: Mapping[str, Any], fs: Sequence[int], attacks: Sequence[s
 LABELS = {"ipm-0.1": "ipm(0.1)", "ipm-100": "ipm(100)"}
 
 
-def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], cpu_seconds: float,
-                    runs: int) -> str:
+def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: int) -> str:
     attacks = list(exp["attacks"])
     aggs = list(exp["aggregators"])
     fs = sorted(int(f) for f in exp["f"])
@@ -446,8 +484,8 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], cpu_seco
         f"of {base.get('local_steps')} local steps (batch {base.get('batch_size')}, lr "
         f"{base.get('lr')}, momentum {base.get('momentum')}). Cells: final test accuracy (%), mean ± "
         f"std over seeds {seeds_max} at f = 0 and f = {fmax}; f = 1, 2 use seeds "
-        f"{ {f: exp['seeds_by_f'].get(f, exp['seeds']) for f in fs if f not in (0, fmax)} }. "
-        f"{runs} runs, {cpu_seconds / 60:.0f} CPU minutes in total.",
+        f"{ {f: exp['seeds_by_f'].get(f, exp['seeds']) for f in fs if f not in (0, fmax)} }; "
+        f"{runs} runs.",
         "",
         f"### Aggregator × attack at f = {fmax} (of {base.get('num_clients')})",
         "",
@@ -477,8 +515,19 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], cpu_seco
                 cell = results.get(str(f), {}).get(a, {}).get(agg)
                 if cell and sum(cell["infeasible"]) > 0:
                     rej.append(f"{agg} (f={f}, {LABELS.get(a, a)}): {int(sum(cell['infeasible']))}")
+    stopped = []
+    for f in fs:
+        for a in attacks if f else [NO_ATTACK]:
+            for agg in aggs:
+                cell = results.get(str(f), {}).get(a, {}).get(agg)
+                if cell and sum(cell.get("stopped", [])) > 0:
+                    stopped.append(f"{agg} (f={f}, {LABELS.get(a, a)}): {sum(cell['stopped'])}")
     parts += ["", "Rounds skipped as infeasible (global model kept): "
-              + (", ".join(rej) if rej else "none") + "."]
+              + (", ".join(rej) if rej else "none") + ".",
+              "", "† runs stopped by the runner because every update of a round was rejected (the "
+              "global model had diverged to huge or non-finite weights, so every client's update "
+              "was non-finite or absurd); their last evaluated accuracy is carried forward: "
+              + (", ".join(stopped) if stopped else "none") + "."]
     return "\n".join(parts)
 
 
@@ -522,19 +571,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"{len(jobs)} runs into {out}")
     t0 = time.perf_counter()
-    summaries = {} if args.report_only else run_all(jobs, workers=args.workers, fresh=args.fresh)
+    summaries = {} if args.report_only else run_all(
+        jobs, workers=args.workers, fresh=args.fresh, echo=lambda m: print(m, flush=True))
     results = collect(jobs)
-    cpu = sum(float(s.get("cpu_seconds", s.get("wall_seconds", 0.0))) for s in summaries.values()
-              if not s.get("reused"))
+    cpu = [float(s["cpu_seconds"]) for s in summaries.values()
+           if not s.get("reused") and "cpu_seconds" in s]
+    if cpu:
+        print(f"this invocation: {len(cpu)} runs, {sum(cpu) / 60:.1f} CPU minutes "
+              f"({np.mean(cpu):.1f} s per run)")
     out.mkdir(parents=True, exist_ok=True)
-    prev = out / "results.json"
-    if prev.exists() and cpu == 0.0:
-        cpu = float(json.loads(prev.read_text()).get("cpu_seconds", 0.0))
-    elif prev.exists():
-        cpu += float(json.loads(prev.read_text()).get("cpu_seconds", 0.0))
-    (out / "results.json").write_text(json.dumps({"cpu_seconds": cpu, "results": results}))
+    (out / "results.json").write_text(json.dumps({"results": results}))
     done = sum(1 for j in jobs if finished(j.run_dir))
-    md = report_markdown(results, exp, cpu, done)
+    md = report_markdown(results, exp, done)
     print(md)
     figures = Path(args.figures) if args.figures else (None if args.quick else root / "docs" / "figures")
     if figures is not None:
