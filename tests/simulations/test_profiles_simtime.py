@@ -117,7 +117,16 @@ def test_gpu_profile_without_gpu_is_refused_unless_optional(tmp_path) -> None:
         def cluster_resources():
             return {"CPU": 2.0, "slow_worker": 1.0}
 
-    pools = worker_pools(FakeRay2, sim("optional"))
+    # three pools of one 1-CPU worker each do not fit in 2 CPUs: refused, not left pending
+    with pytest.raises(ConfigError, match="ray.num_workers: the workers need 3 CPU"):
+        worker_pools(FakeRay2, sim("optional"))
+
+    class FakeRay4(FakeRay):
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 4.0, "slow_worker": 1.0}
+
+    pools = worker_pools(FakeRay4, sim("optional"))
     assert [p.name for p in pools] == ["gpu", "ssd", "default"]
     assert pools[0].options["num_gpus"] == 0.0  # fell back to CPU
     assert pools[1].options["resources"] == {"slow_worker": 1}

@@ -108,7 +108,7 @@ def test_idle_clients_cost_no_model_memory(tmp_path) -> None:
 
     def live_models() -> int:
         gc.collect()
-        return sum(isinstance(o, MLP) for o in gc.get_objects())
+        return sum(type(o) is MLP for o in gc.get_objects())
 
     before = live_models()
     cfg = load_config(None, {**SMALL, "num_clients": 200, "clients_per_round": 10, "rounds": 2,
