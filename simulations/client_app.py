@@ -273,7 +273,10 @@ def warm_up(app: ClientApp) -> None:
     starts, so the first round does not pay for it). No-op for other ClientApps."""
     runtime = getattr(app, "fedagg_runtime", None)
     if isinstance(runtime, ClientRuntime):
-        runtime.model()
+        model = runtime.model()
+        # the first optimizer a process builds imports torch._dynamo (~2 s): pay it now
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad][:1] or
+                        [torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 def num_params(arrays: ArrayRecord) -> int:

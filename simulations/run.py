@@ -121,7 +121,7 @@ def quiet_logs() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     if not args.verbose:
         quiet_logs()
     try:

@@ -177,6 +177,15 @@ class FedaggStrategy:
         self.max_update_norm = max_update_norm
         self.current_global: ArrayRecord | None = None
         self.last_report: ScreenReport | None = None
+        self._decoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
+
+    def decoded(self, record: ArrayRecord) -> dict[str, np.ndarray]:
+        """``to_numpy(record)``, decoded once per round (Flower's ``Array.numpy()`` parses bytes)."""
+        hit = self._decoded.get(id(record))
+        if hit is None or hit[0] is not record:
+            hit = (record, to_numpy(record))
+            self._decoded[id(record)] = hit
+        return hit[1]
 
     # ------------------------------------------------------------------ selection
     def select_clients(self, server_round: int, grid: Grid) -> list[int]:
@@ -191,6 +200,7 @@ class FedaggStrategy:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current_global = arrays
+        self._decoded = {}
         selected = self.select_clients(server_round, grid)
         if not selected:
             log(INFO, "configure_train: no client available in round %d", server_round)
@@ -207,7 +217,7 @@ class FedaggStrategy:
         layout = Layout.of(self.current_global) if self.current_global is not None else None
         global_flat = None
         if layout is not None:
-            global_flat = layout.flatten(to_numpy(self.current_global))  # type: ignore[arg-type]
+            global_flat = layout.flatten(self.decoded(self.current_global))  # type: ignore[arg-type]
         for msg in ordered:
             cid = reply_client_id(msg)
             if msg.has_error():
@@ -234,7 +244,7 @@ class FedaggStrategy:
         if layout is None:
             return None
         try:
-            local = to_numpy(content.array_records[self.arrayrecord_key])
+            local = self.decoded(content.array_records[self.arrayrecord_key])
         except Exception as exc:  # malformed bytes
             return f"unreadable arrays ({exc})"
         return update_problem(local, layout, global_flat, self.max_update_norm)
@@ -323,9 +333,9 @@ class DeltaStrategy(FedaggStrategy, FedAvg):
                            ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current_global is not None, "configure_train must run before aggregate_train"
         layout = Layout.of(self.current_global)
-        g = layout.flatten(to_numpy(self.current_global))
+        g = layout.flatten(self.decoded(self.current_global))
         deltas = np.stack([
-            layout.flatten(to_numpy(m.content.array_records[self.arrayrecord_key])) for m in replies
+            layout.flatten(self.decoded(m.content.array_records[self.arrayrecord_key])) for m in replies
         ]) - g
         n_ex = np.array([reply_num_examples(m) for m in replies], dtype=np.float64)
         ids = [reply_client_id(m) for m in replies]

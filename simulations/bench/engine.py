@@ -33,11 +33,14 @@ from simulations.bench.report import machine
 WORKLOAD = {"num_clients": 100, "rounds": 20, "clients_per_round": 10, "model": "cnn",
             "local_steps": 5, "batch_size": 32, "lr": 0.05, "dataset": "mnist1d", "seed": 0}
 
+#: An overhead-bound variant (as in the design note's measurement): a tiny MLP, one local step.
+TINY = {**WORKLOAD, "model": "mlp", "model_args": {"hidden": [16]}, "local_steps": 1}
+
 
 def bare_loop(w: dict[str, Any]) -> tuple[float, float]:
     """The workload as a plain torch loop; returns (loop seconds, final accuracy)."""
     data = load_federated(w["dataset"], w["num_clients"], w["seed"])
-    model = build_model(w["model"], data.input_shape, data.num_classes, w["seed"])
+    model = build_model(w["model"], data.input_shape, data.num_classes, w["seed"], w.get("model_args"))
     xt, yt = torch.as_tensor(data.test.x), torch.as_tensor(data.test.y)
     clients = {k: (torch.as_tensor(data.client(k)[0].x), torch.as_tensor(data.client(k)[0].y))
                for k in range(w["num_clients"])}
@@ -79,13 +82,24 @@ def engine_run(engine: str, w: dict[str, Any]) -> tuple[float, float, float]:
     return loop, total, res.final_accuracy
 
 
-def run(out_md: str | None = None, workload: dict[str, Any] | None = None,
+def run(out_md: str | None = None, workloads: tuple[dict[str, Any], ...] = (WORKLOAD, TINY),
         engines: tuple[str, ...] = ("inline", "ray", "flower")) -> str:
-    """Time the workload on the bare loop and each engine; return a markdown section."""
+    """Time each workload on the bare loop and each engine; return a markdown section."""
     import logging
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    w = {**WORKLOAD, **(workload or {})}
+    parts = ["## Engine overhead", ""]
+    for w in workloads:
+        parts.append(measure(w, engines))
+    text = "\n".join(parts)
+    print(text)
+    if out_md:
+        Path(out_md).write_text(text)
+    return text
+
+
+def measure(w: dict[str, Any], engines: tuple[str, ...]) -> str:
+    """One workload's table and ratios (markdown)."""
     client_rounds = w["rounds"] * w["clients_per_round"]
     bare, bare_acc = bare_loop(w)
     rows = [("bare torch loop", bare, bare, bare_acc)]
@@ -93,11 +107,12 @@ def run(out_md: str | None = None, workload: dict[str, Any] | None = None,
         loop, total, acc = engine_run(engine, w)
         rows.append((f"engine: {engine}", loop, total, acc))
     times = {name: loop for name, loop, _, _ in rows}
+    model = w["model"] + (f" {w['model_args']}" if w.get("model_args") else "")
     lines = [
-        "## Engine overhead",
+        f"### {model}, {w['local_steps']} local step(s)",
         "",
         f"Workload: {w['num_clients']} clients, {w['rounds']} rounds × {w['clients_per_round']} clients "
-        f"({client_rounds} client-rounds), MNIST-1D, 1-D CNN, {w['local_steps']} local steps of batch "
+        f"({client_rounds} client-rounds), MNIST-1D, `{model}`, {w['local_steps']} local steps of batch "
         f"{w['batch_size']}, FedAvg, server evaluation every round. Machine: {machine()}.",
         "",
         "| runner | round loop (s) | incl. start-up (s) | overhead per client-round (ms) | final accuracy |",
@@ -116,11 +131,7 @@ def run(out_md: str | None = None, workload: dict[str, Any] | None = None,
         lines.append(f"- inline engine / bare loop: {times['engine: inline'] / bare:.2f}×")
     lines.append("- Final accuracies agree across engines (same seed ⇒ same model); the bare loop "
                  "draws the same clients and minibatches.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out_md:
-        Path(out_md).write_text(text)
-    return text
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

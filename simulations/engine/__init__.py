@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -117,10 +118,30 @@ def worker_pools(ray: Any, sim: Simulation) -> list[WorkerPool]:
             log.warning("profile %r: no GPU in the cluster, running on CPU (gpu: optional)", prof["name"])
             opts["num_gpus"] = 0.0
         _check_resources(ray, opts, where)
-        workers = prof["workers"] or max(1, int(round(total * counts[i] / n)))
-        pools.append(WorkerPool(prof["name"], min(workers, int(counts[i])), opts))
+        pools.append(WorkerPool(prof["name"], prof["workers"] or 0, opts))
+    auto = [i for i, p in enumerate(table.profiles) if counts[i] > 0 and not p["workers"]]
+    fixed = sum(p.workers for p in pools)
+    for i, w in zip(auto, split_workers([int(counts[i]) for i in auto], max(0, total - fixed)), strict=True):
+        pools[i] = dataclasses.replace(pools[i], workers=w)
+    pools = [dataclasses.replace(p, workers=min(p.workers, int(c))) for p, c in zip(pools, counts, strict=True)]
     _check_capacity(ray, pools)
     return pools
+
+
+def split_workers(counts: list[int], total: int) -> list[int]:
+    """Workers per pool: one each, then the rest of ``total`` in proportion to the client
+    ``counts`` (largest remainder), so the automatic split never asks for more than ``total``."""
+    if not counts:
+        return []
+    out = [1] * len(counts)
+    rest = total - len(counts)
+    if rest > 0:
+        shares = np.array(counts, dtype=float) / sum(counts) * rest
+        extra = np.floor(shares).astype(int)
+        order = np.argsort(-(shares - extra), kind="stable")
+        extra[order[: rest - int(extra.sum())]] += 1
+        out = [o + int(e) for o, e in zip(out, extra, strict=True)]
+    return out
 
 
 def _check_capacity(ray: Any, pools: list[WorkerPool]) -> None:
@@ -201,7 +222,7 @@ def run_with_flower(sim: Simulation) -> ArrayRecord:
     from flwr.simulation import run_simulation
 
     cfg = sim.cfg
-    if cfg.ray.address is None:
+    if cfg.ray.address is None or _loopback(cfg.ray.address):
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     result: dict[str, Any] = {}

@@ -11,10 +11,12 @@ Ray executor design (see ``docs/architecture.md``):
   instance per worker is loaded in place for every client it runs;
 - the round's broadcast content (global weights + config) is put in the object store **once** and
   every actor deserialises it once per round;
-- jobs are dispatched longest-expected-work first to the least-loaded actor, with at most
-  ``depth`` jobs queued per actor, so a slow client does not stall the others;
-- a crashed actor is replaced and its job answered with an error reply; after a timeout, actors still
-  busy are killed and replaced (their jobs count as timeouts).
+- jobs (longest expected work first) are dealt into a few chunks per worker — one Ray round trip
+  per chunk, not per client — and chunks go to the least-loaded actor of the client's pool, with at
+  most ``depth`` chunks queued per actor, so a slow chunk does not stall the others;
+- a client exception is an error reply for that client only; a crashed actor is replaced and the
+  clients of its chunk get error replies; after a timeout, actors still busy are killed and replaced
+  (their clients count as timeouts).
 """
 
 from __future__ import annotations
@@ -159,16 +161,20 @@ def _worker_class() -> Any:
         def ready(self) -> bool:
             return True
 
-        def run(self, metadata: Any, content_box: list[Any], client_id: int,
-                state: RecordDict | None) -> tuple[Message, RecordDict | None, float]:
+        def run(self, content_box: list[Any], items: list[tuple[Any, int, RecordDict | None]]
+                ) -> list[tuple[Message, RecordDict | None, float]]:
+            """Run a chunk of clients that share one broadcast content (one round trip)."""
             ref = content_box[0]
             key = ref.hex()
             if key not in self._content:
                 if len(self._content) > 4:
                     self._content.clear()
                 self._content[key] = ray.get(ref)
-            message = Message(content=self._content[key], metadata=metadata)
-            return run_client(self.app, message, client_id, self.num_clients, state)
+            out = []
+            for metadata, client_id, state in items:
+                message = Message(content=self._content[key], metadata=metadata)
+                out.append(run_client(self.app, message, client_id, self.num_clients, state))
+            return out
 
     return ClientWorker
 
@@ -191,13 +197,15 @@ class RayExecutor:
     """
 
     def __init__(self, app: ClientApp, num_clients: int, pools: list[WorkerPool], *,
-                 pool_of: Callable[[int], int] | None = None, depth: int = 2) -> None:
+                 pool_of: Callable[[int], int] | None = None, depth: int = 2,
+                 chunks_per_worker: int = 2) -> None:
         import ray
 
         self._ray = ray
         self.app = app
         self.num_clients = num_clients
         self.depth = depth
+        self.chunks_per_worker = chunks_per_worker
         self.pools = pools
         self._pool_of = pool_of or (lambda cid: 0)
         cls = _worker_class()
@@ -215,52 +223,63 @@ class RayExecutor:
         self.actors = [make() for make in self._makers]
         ray.get([a.ready.remote() for a in self.actors])
         self._members = [[i for i, p in enumerate(self._actor_pool) if p == k] for k in range(len(pools))]
-        self._queues: list[deque[Job]] = [deque() for _ in pools]
-        self._inflight: dict[Any, tuple[int, Job, Any]] = {}  # ObjectRef -> (actor index, job, actor)
+        self._queues: list[deque[list[Job]]] = [deque() for _ in pools]
+        self._inflight: dict[Any, tuple[int, list[Job], Any]] = {}  # ref -> (actor, chunk, handle)
         self._load = [0] * len(self.actors)
         self._content_refs: dict[int, Any] = {}
         self.restarts = 0
 
     def submit(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` as chunks: per pool and broadcast content, the jobs (longest first) are
+        dealt into ``chunks_per_worker × workers`` chunks, so each worker takes a few round trips
+        per round instead of one per client while the pool still balances dynamically."""
+        groups: dict[tuple[int, int], list[Job]] = {}
         for job in sorted(jobs, key=lambda j: -j.work):
             key = id(job.message.content)
             if key not in self._content_refs:
                 self._content_refs[key] = self._ray.put(job.message.content)
-            self._queues[self._pool_of(job.client_id)].append(job)
+            groups.setdefault((self._pool_of(job.client_id), key), []).append(job)
+        for (pool, _), members in groups.items():
+            k = min(len(members), self.chunks_per_worker * max(1, len(self._members[pool])))
+            chunks: list[list[Job]] = [[] for _ in range(k)]
+            for i, job in enumerate(members):  # deal longest-first: chunk sums stay balanced
+                chunks[i % k].append(job)
+            self._queues[pool].extend(chunks)
         self._pump()
 
     def _pump(self) -> None:
         for queue, members in zip(self._queues, self._members, strict=True):
-            while queue:
+            while queue and members:
                 idx = min(members, key=lambda i: (self._load[i], i))
                 if self._load[idx] >= self.depth:
                     break
-                job = queue.popleft()
-                ref = self._content_refs[id(job.message.content)]
+                chunk = queue.popleft()
+                ref = self._content_refs[id(chunk[0].message.content)]
                 actor = self.actors[idx]
-                fut = actor.run.remote(job.message.metadata, [ref], job.client_id, job.state)
-                self._inflight[fut] = (idx, job, actor)
+                items = [(j.message.metadata, j.client_id, j.state) for j in chunk]
+                fut = actor.run.remote([ref], items)
+                self._inflight[fut] = (idx, chunk, actor)
                 self._load[idx] += 1
 
     def _collect(self, ready: list[Any]) -> list[JobResult]:
         out = []
         for fut in ready:
-            idx, job, actor = self._inflight.pop(fut)
+            idx, chunk, actor = self._inflight.pop(fut)
             self._load[idx] -= 1
             try:
-                reply, state, secs = self._ray.get(fut)
-            except self._ray.exceptions.RayActorError as exc:
-                reason = f"Ray worker died while running client {job.client_id}: {exc}"
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                                reply_to=job.message)
-                state, secs = job.state, 0.0
-                if self.actors[idx] is actor:  # its other queued jobs fail too: replace once
+                results = self._ray.get(fut)
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError) as exc:
+                died = isinstance(exc, self._ray.exceptions.RayActorError)
+                what = "Ray worker died while running" if died else "Ray task failed for"
+                results = []
+                for job in chunk:
+                    reason = f"{what} client {job.client_id}: {exc}"
+                    results.append((Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                            reply_to=job.message), job.state, 0.0))
+                if died and self.actors[idx] is actor:  # replace once, not once per job
                     self._replace(idx)
-            except self._ray.exceptions.RayTaskError as exc:  # pragma: no cover - run_client catches
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
-                                reply_to=job.message)
-                state, secs = job.state, 0.0
-            out.append(JobResult(job.message_id, job.client_id, reply, state, secs))
+            for job, (reply, state, secs) in zip(chunk, results, strict=True):
+                out.append(JobResult(job.message_id, job.client_id, reply, state, secs))
         if not any(self._queues) and not self._inflight:
             self._content_refs.clear()
         return out
@@ -297,11 +316,11 @@ class RayExecutor:
 
     def abandon(self) -> list[Job]:
         """Drop queued jobs and kill actors still running a job (after a timeout)."""
-        dropped = [job for q in self._queues for job in q]
+        dropped = [job for q in self._queues for chunk in q for job in chunk]
         for q in self._queues:
             q.clear()
         busy = sorted({idx for idx, _, _ in self._inflight.values()})
-        dropped += [job for _, job, _ in self._inflight.values()]
+        dropped += [job for _, chunk, _ in self._inflight.values() for job in chunk]
         self._inflight.clear()
         for idx in busy:
             self._replace(idx)

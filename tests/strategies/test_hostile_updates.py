@@ -43,7 +43,7 @@ def update(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(NAMES), st.lists(update(), min_size=1, max_size=9))
 def test_hostile_updates_never_reach_the_global_model(name, updates) -> None:
-    kwargs = {"num_clients": len(updates)}
+    kwargs = {"num_clients": 9}  # population; fewer may reply (robust rules then report infeasible)
     if name in ("flwr-krum", "flwr-bulyan"):
         kwargs["num_malicious_nodes"] = 0
     strategy = strategies.build(name, **kwargs)
