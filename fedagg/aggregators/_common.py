@@ -241,31 +241,14 @@ def infeasible(rule: str, message: str) -> ConfigError:
     return ConfigError(f"{rule}.f", message)
 
 
-class Aggregator:
-    """A robust aggregation rule ``(n, d) -> (d,)``.
+class _Rule:
+    """What aggregators and pre-aggregators share: declared hyperparameters (``PARAMS``, stored
+    as attributes), explicit state (empty unless a stateful rule overrides it) and a summary."""
 
-    Subclasses set ``name``, ``PARAMS`` (declared :class:`~fedagg.registry.Param`) and implement
-    :meth:`_aggregate` on a numpy matrix. ``supports_weights`` says whether non-uniform
-    per-row weights are meaningful for the rule.
-    """
-
-    name: ClassVar[str] = "aggregator"
+    name: ClassVar[str] = "rule"
     PARAMS: ClassVar[tuple[Param, ...]] = ()
-    supports_weights: ClassVar[bool] = False
-    tolerates_nonfinite: ClassVar[bool] = False
-
-    def __call__(self, updates: ArrayLike, weights: Any = None) -> Any:
-        """Aggregate ``updates`` ``(n, d)`` (optionally weighted, ``(n,)``) into ``(d,)``.
-
-        The result has the kind (numpy/torch), dtype and device of ``updates``; the input is
-        never modified.
-        """
-        X, back = to_matrix(updates)
-        w = check_weights(weights, X.shape[0], self.name, self.supports_weights)
-        return back(self._aggregate(X, w))
-
-    def _aggregate(self, X: np.ndarray, w: np.ndarray | None) -> np.ndarray:
-        raise NotImplementedError
+    #: Hyperparameters left out of :meth:`summary` (generators, arrays).
+    UNSUMMARISED: ClassVar[tuple[str, ...]] = ("rng",)
 
     # explicit state (only stateful rules override)
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -283,14 +266,44 @@ class Aggregator:
 
     def summary(self) -> str:
         """One line naming the rule and its knobs (for logs)."""
-        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items() if k not in ("rng", "y0"))
+        args = ", ".join(
+            f"{k}={v!r}" for k, v in self.hparams().items() if k not in self.UNSUMMARISED
+        )
         return f"{self.name}({args})"
 
     def __repr__(self) -> str:
         return self.summary()
 
 
-class PreAggregator:
+class Aggregator(_Rule):
+    """A robust aggregation rule ``(n, d) -> (d,)``.
+
+    Subclasses set ``name``, ``PARAMS`` (declared :class:`~fedagg.registry.Param`) and implement
+    :meth:`_aggregate` on a numpy matrix. ``supports_weights`` says whether non-uniform
+    per-row weights are meaningful for the rule.
+    """
+
+    name: ClassVar[str] = "aggregator"
+    PARAMS: ClassVar[tuple[Param, ...]] = ()
+    UNSUMMARISED: ClassVar[tuple[str, ...]] = ("rng", "y0")
+    supports_weights: ClassVar[bool] = False
+    tolerates_nonfinite: ClassVar[bool] = False
+
+    def __call__(self, updates: ArrayLike, weights: Any = None) -> Any:
+        """Aggregate ``updates`` ``(n, d)`` (optionally weighted, ``(n,)``) into ``(d,)``.
+
+        The result has the kind (numpy/torch), dtype and device of ``updates``; the input is
+        never modified.
+        """
+        X, back = to_matrix(updates)
+        w = check_weights(weights, X.shape[0], self.name, self.supports_weights)
+        return back(self._aggregate(X, w))
+
+    def _aggregate(self, X: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+
+class PreAggregator(_Rule):
     """A pre-aggregation ``(n, d) -> (n', d)`` applied before a final rule (e.g. NNM, bucketing).
 
     Subclasses implement :meth:`_transform`, which also maps the per-row weights (``None`` for
@@ -311,20 +324,3 @@ class PreAggregator:
         self, X: np.ndarray, w: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{self.name} is stateless; got state keys {sorted(state)}")
-
-    def hparams(self) -> dict[str, Any]:
-        return {p.name: getattr(self, p.name) for p in self.PARAMS}
-
-    def summary(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items() if k != "rng")
-        return f"{self.name}({args})"
-
-    def __repr__(self) -> str:
-        return self.summary()

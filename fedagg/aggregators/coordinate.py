@@ -68,7 +68,28 @@ class Median(Aggregator):
         return sorted_median(np.sort(X, axis=0))
 
 
-class TrimmedMean(Aggregator):
+class _TrimRule(Aggregator):
+    """Base of the rules with a trim count ``f`` that need ``n > 2f`` (trimmed mean, MeaMed,
+    Phocas); they tolerate ``f`` rows of ±inf/NaN."""
+
+    PARAMS: ClassVar[tuple[Param, ...]] = (F_PARAM,)
+    tolerates_nonfinite: ClassVar[bool] = True
+    #: The rule as the infeasibility message names it.
+    label: ClassVar[str]
+
+    def __init__(self, f: int) -> None:
+        self.f = int(f)
+
+    def _sorted(self, X: np.ndarray) -> np.ndarray:
+        """``X`` sorted per coordinate ``(n, d)``; infeasible (a ConfigError on ``f``) unless
+        ``n > 2f``."""
+        n, f = X.shape[0], self.f
+        if n <= 2 * f:
+            raise infeasible(self.name, f"{self.label} needs n > 2f; got n={n}, f={f}")
+        return np.sort(X, axis=0)
+
+
+class TrimmedMean(_TrimRule):
     r"""Coordinate-wise trimmed mean with a trim *count* f (Yin et al. 2018, arXiv:1803.01498).
 
     .. math:: y_j = \frac{1}{n - 2f} \sum_{k=f+1}^{n-f} x_{(k)j}
@@ -85,20 +106,14 @@ class TrimmedMean(Aggregator):
     """
 
     name: ClassVar[str] = "trimmed-mean"
-    PARAMS: ClassVar[tuple[Param, ...]] = (F_PARAM,)
-    tolerates_nonfinite: ClassVar[bool] = True
-
-    def __init__(self, f: int) -> None:
-        self.f = int(f)
+    label: ClassVar[str] = "trimmed mean"
 
     def _aggregate(self, X: np.ndarray, w: np.ndarray | None) -> np.ndarray:
         n, f = X.shape[0], self.f
-        if n <= 2 * f:
-            raise infeasible(self.name, f"trimmed mean needs n > 2f; got n={n}, f={f}")
-        return np.sort(X, axis=0)[f : n - f].mean(axis=0)
+        return self._sorted(X)[f : n - f].mean(axis=0)
 
 
-class MeaMed(Aggregator):
+class MeaMed(_TrimRule):
     r"""Mean around the median (Xie, Koyejo & Gupta 2018, arXiv:1802.10116).
 
     .. math:: y_j = \frac{1}{n-f} \sum_{i \in N_j} x_{ij}, \quad
@@ -115,21 +130,14 @@ class MeaMed(Aggregator):
     """
 
     name: ClassVar[str] = "meamed"
-    PARAMS: ClassVar[tuple[Param, ...]] = (F_PARAM,)
-    tolerates_nonfinite: ClassVar[bool] = True
-
-    def __init__(self, f: int) -> None:
-        self.f = int(f)
+    label: ClassVar[str] = "meamed"
 
     def _aggregate(self, X: np.ndarray, w: np.ndarray | None) -> np.ndarray:
-        n, f = X.shape[0], self.f
-        if n <= 2 * f:
-            raise infeasible(self.name, f"meamed needs n > 2f; got n={n}, f={f}")
-        S = np.sort(X, axis=0)
-        return closest_to_center_mean(S, sorted_median(S), n - f)
+        S = self._sorted(X)
+        return closest_to_center_mean(S, sorted_median(S), X.shape[0] - self.f)
 
 
-class Phocas(Aggregator):
+class Phocas(_TrimRule):
     r"""Phocas: mean around the trimmed mean (Xie, Koyejo & Gupta 2018, arXiv:1805.09682).
 
     .. math:: y_j = \frac{1}{n-f} \sum_{i \in N_j} x_{ij}, \quad
@@ -146,15 +154,9 @@ class Phocas(Aggregator):
     """
 
     name: ClassVar[str] = "phocas"
-    PARAMS: ClassVar[tuple[Param, ...]] = (F_PARAM,)
-    tolerates_nonfinite: ClassVar[bool] = True
-
-    def __init__(self, f: int) -> None:
-        self.f = int(f)
+    label: ClassVar[str] = "phocas"
 
     def _aggregate(self, X: np.ndarray, w: np.ndarray | None) -> np.ndarray:
         n, f = X.shape[0], self.f
-        if n <= 2 * f:
-            raise infeasible(self.name, f"phocas needs n > 2f; got n={n}, f={f}")
-        S = np.sort(X, axis=0)
+        S = self._sorted(X)
         return closest_to_center_mean(S, S[f : n - f].mean(axis=0), n - f)

@@ -244,7 +244,22 @@ class Mimic(Attack):
         return repeat(H[self.target], f)
 
 
-class Inf(Attack):
+class _Fill(Attack):
+    """Every coordinate of every Byzantine update set to :attr:`value`; needs no knowledge."""
+
+    value: ClassVar[float]
+
+    @property
+    def omniscient(self) -> bool:
+        return False
+
+    def _attack(
+        self, H: np.ndarray, f: int, rng: np.random.Generator | None, own: np.ndarray | None
+    ) -> np.ndarray:
+        return np.full((f, H.shape[1]), self.value)
+
+
+class Inf(_Fill):
     r"""Every coordinate +∞ (ByzFL ``Inf``): checks that a rule survives non-finite input.
 
     Example
@@ -254,18 +269,10 @@ class Inf(Attack):
     """
 
     name: ClassVar[str] = "inf"
-
-    @property
-    def omniscient(self) -> bool:
-        return False
-
-    def _attack(
-        self, H: np.ndarray, f: int, rng: np.random.Generator | None, own: np.ndarray | None
-    ) -> np.ndarray:
-        return np.full((f, H.shape[1]), np.inf)
+    value: ClassVar[float] = np.inf
 
 
-class NaN(Attack):
+class NaN(_Fill):
     r"""Every coordinate NaN (what FA's ``lie`` sends with one attacker, ``fedau_flag.md`` §4.2).
 
     Example
@@ -275,12 +282,4 @@ class NaN(Attack):
     """
 
     name: ClassVar[str] = "nan"
-
-    @property
-    def omniscient(self) -> bool:
-        return False
-
-    def _attack(
-        self, H: np.ndarray, f: int, rng: np.random.Generator | None, own: np.ndarray | None
-    ) -> np.ndarray:
-        return np.full((f, H.shape[1]), np.nan)
+    value: ClassVar[float] = np.nan

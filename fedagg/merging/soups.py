@@ -113,21 +113,7 @@ def uniform_soup(
     """
     k = len(models)
     if weights is None:
-        keys = check_keys(models, "models")
-        out: dict[str, Array] = {}
-        for name in keys:
-            ref = models[0][name]
-            if not is_float(ref):
-                out[name] = copy_of(ref)
-                continue
-            t0 = as_torch(ref)
-            ts = gather(models, name, t0.to(compute_dtype(t0)))
-            acc = ts[0]
-            for t in ts[1:]:
-                acc = acc + t
-            acc = torch.where(all_equal(ts), ts[0], acc / k)
-            out[name] = to_kind(acc, ref)
-        return out
+        return linear(models, [1.0] * k, normalize=True)
     w = scalars(weights, k, "weights")
     if any(v < 0 for v in w) or not any(v > 0 for v in w):
         raise ValueError(f"soup weights must be >= 0 and not all 0, got {w}")

@@ -127,6 +127,10 @@ def measure(w: dict[str, Any], engines: tuple[str, ...]) -> str:
     if "engine: ray" in times and "engine: flower" in times:
         lines.append(f"- stock run_simulation / ray engine: **{times['engine: flower'] / times['engine: ray']:.1f}×** "
                      "(target ≥ 10×)")
+    if "engine: ray" in times and "engine: flower" in times and times["engine: ray"] > bare:
+        ratio = (times["engine: flower"] - bare) / (times["engine: ray"] - bare)
+        lines.append(f"- overhead per client-round, stock / ray engine: **{ratio:.1f}×** "
+                     "(time beyond the bare loop's local training and evaluation)")
     if "engine: inline" in times:
         lines.append(f"- inline engine / bare loop: {times['engine: inline'] / bare:.2f}×")
     lines.append("- Final accuracies agree across engines (same seed ⇒ same model); the bare loop "

@@ -20,12 +20,8 @@ seed 0 against 1/rate_n, read from ``strategy_state.safetensors``) into ``--figu
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
-import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +32,7 @@ import numpy as np
 import yaml
 
 from fedagg.errors import ConfigError
+from simulations.experiments import grid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedau_mnist1d.yaml"
 MARK = "fedau:results"
@@ -44,41 +41,17 @@ LAST_EVALS = 5
 
 
 # ------------------------------------------------------------------------------ config
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict update (mappings merge, anything else replaces)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
     """The experiment mapping (``seeds``, ``base``, ``patterns``, ``methods``); ``quick`` applies
     the ``quick`` section (its ``base`` merges into ``base``, other keys replace)."""
-    from simulations.config import read_yaml
-
-    exp = read_yaml(path)
-    for key in ("seeds", "base", "patterns", "methods"):
-        if key not in exp:
-            raise ConfigError(key, f"{path} has no {key!r} section")
-    extra = sorted(set(exp) - {"seeds", "base", "patterns", "methods", "quick"})
-    if extra:
-        raise ConfigError(extra[0], "unknown key; allowed: base, methods, patterns, quick, seeds")
-    if quick:
-        q = dict(exp.get("quick") or {})
-        exp["base"] = _merge(exp["base"], q.pop("base", {}))
-        exp.update(q)
-    exp.pop("quick", None)
+    exp = grid.load_grid(path, ("seeds", "base", "patterns", "methods"), quick=quick)
     if not exp["seeds"] or not exp["patterns"] or not exp["methods"]:
         raise ConfigError("seeds", "need at least one seed, pattern and method")
     return exp
 
 
 @dataclasses.dataclass(frozen=True)
-class Job:
+class Job(grid.GridJob):
     """One run of the grid."""
 
     pattern: str
@@ -87,38 +60,25 @@ class Job:
     config: dict[str, Any]
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.config["out"])
-
-    @property
     def name(self) -> str:
         return f"{self.pattern}/{self.method}/seed-{self.seed}"
 
 
 def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
     """Every (pattern, method, seed), validated up front (a ConfigError names the cell)."""
-    from simulations.config import build_config
-
     jobs = []
     for pattern, part in exp["patterns"].items():
         for method, over in exp["methods"].items():
             for seed in exp["seeds"]:
-                data = _merge(exp["base"], over or {})
-                data["participation"] = _merge(data.get("participation", {}), part or {})
+                data = grid.merge(exp["base"], over or {})
+                data["participation"] = grid.merge(data.get("participation", {}), part or {})
                 data.update(seed=int(seed), out=str(out / pattern / method / f"seed-{seed}"))
-                try:
-                    build_config(data)
-                except ConfigError as exc:
-                    raise ConfigError(f"{pattern}.{method}.{exc.field}", exc.message) from None
+                grid.validate_cell(data, f"{pattern}.{method}")
                 jobs.append(Job(pattern, method, int(seed), data))
     return jobs
 
 
 # ------------------------------------------------------------------------------ running
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
-
-
 def availability_rate(process: Any, p: np.ndarray) -> np.ndarray:
     """Long-run fraction of rounds each client is available: ``(N,)``."""
     if process is not None and getattr(process, "name", "") == "cyclic":
@@ -127,91 +87,35 @@ def availability_rate(process: Any, p: np.ndarray) -> np.ndarray:
     return np.asarray(p, dtype=np.float64)
 
 
-def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
-    """Run (or reuse) one simulation; return its summary (plus ``reused``)."""
-    if finished(job.run_dir) and not fresh:
-        return {**json.loads((job.run_dir / "summary.json").read_text()), "reused": True}
-    import torch
-
-    from simulations.config import build_config
+def _save_participation(sim: Any, job: Job) -> None:
+    """``participation.safetensors`` of the run: the true p_n and the availability rate."""
     from simulations.results import save_arrays
-    from simulations.runner import Simulation
 
-    torch.set_num_threads(1)
-    _quiet_logs()
-    sim = Simulation(build_config(job.config), overwrite=True)
     p = np.asarray(sim.probabilities, dtype=np.float64)
     save_arrays(job.run_dir / "participation.safetensors",
                 {"p": p, "rate": availability_rate(sim.participation, p)})
-    result = sim.run()
-    return {**result.summary, "reused": False}
 
 
-def _quiet_logs() -> None:
-    """Flower logs every round at INFO; keep warnings only (after flwr's import, which sets it)."""
-    import logging
-
-    import flwr  # noqa: F401
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
+    """Run (or reuse) one simulation; return its summary (plus ``reused``)."""
+    return grid.run_simulation(job, fresh, setup=_save_participation)
 
 
 def _quiet_worker() -> None:
     """Pool worker set-up: one BLAS/OpenMP thread per run (runs are the parallelism), quiet logs."""
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    _quiet_logs()
+    grid.init_worker(("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
 
 
 def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run ``jobs`` (``workers`` at a time); ``{job.name: summary}``."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    todo = [j for j in jobs if fresh or not finished(j.run_dir)]
-    done = {j.name: {**json.loads((j.run_dir / "summary.json").read_text()), "reused": True}
-            for j in jobs if j not in todo}
-    if done:
-        echo(f"reusing {len(done)} finished runs")
-    if not todo:
-        return done
-    t0 = time.perf_counter()
-    if workers <= 1:
-        _quiet_worker()
-        for i, job in enumerate(todo, 1):
-            done[job.name] = s = run_job(job, fresh)
-            echo(f"[{i}/{len(todo)}] {job.name}: {100 * s['final_test_accuracy']:.1f} % "
-                 f"({s['wall_seconds']:.0f} s)")
-        return done
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_quiet_worker) as pool:
-        futures = {pool.submit(run_job, job, fresh): job for job in todo}
-        for i, fut in enumerate(as_completed(futures), 1):
-            job = futures[fut]
-            done[job.name] = s = fut.result()
-            echo(f"[{i}/{len(todo)}] {job.name}: {100 * s['final_test_accuracy']:.1f} % "
-                 f"({s['wall_seconds']:.0f} s run, {time.perf_counter() - t0:.0f} s elapsed)")
-    return done
+    return grid.run_all(jobs, run_job, initializer=_quiet_worker, workers=workers, fresh=fresh,
+                        echo=echo)
 
 
 # ------------------------------------------------------------------------------ results
-def run_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(rounds, test accuracy)`` of the evaluated rounds of a run (round 0 included)."""
-    from simulations.results import read_metrics
-
-    rows = read_metrics(run_dir)
-    pts = [(float(r["round"]), float(r["test_accuracy"])) for r in rows
-           if r.get("test_accuracy") not in (None, "") and math.isfinite(float(r["test_accuracy"]))]
-    arr = np.array(pts, dtype=np.float64).reshape(-1, 2)
-    return arr[:, 0], arr[:, 1]
-
-
 def mean_participants(run_dir: Path) -> float:
-    from simulations.results import read_metrics
-
-    rows = [r for r in read_metrics(run_dir) if r.get("phase") == "train"]
+    rows = grid.train_rows(run_dir)
     return float(np.mean([float(r["clients"]) for r in rows])) if rows else float("nan")
 
 
@@ -219,10 +123,10 @@ def collect(jobs: Sequence[Job]) -> dict[str, Any]:
     """Per (pattern, method): per-seed final accuracy, late average, curves; JSON-ready."""
     out: dict[str, Any] = {}
     for job in jobs:
-        if not finished(job.run_dir):
+        if not grid.finished(job.run_dir):
             continue
-        rounds, acc = run_curve(job.run_dir)
-        summary = json.loads((job.run_dir / "summary.json").read_text())
+        rounds, acc = grid.run_curve(job.run_dir)
+        summary = grid.read_summary(job.run_dir)
         cell = out.setdefault(job.pattern, {}).setdefault(
             job.method, {"seeds": [], "final": [], "late": [], "wall_seconds": [],
                          "participants": [], "rounds": rounds.tolist(), "curves": []})
@@ -233,35 +137,6 @@ def collect(jobs: Sequence[Job]) -> dict[str, Any]:
         cell["participants"].append(mean_participants(job.run_dir))
         cell["curves"].append(acc.tolist())
     return out
-
-
-def _pm(values: Sequence[float]) -> str:
-    v = 100 * np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return "–"
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
-
-
-def table(results: Mapping[str, Any], key: str, methods: Sequence[str]) -> str:
-    """Markdown table: rows = methods, columns = patterns, cells mean ± std (%) of ``key``; the
-    best mean of each column in bold."""
-    patterns = list(results)
-    lines = ["| method | " + " | ".join(patterns) + " |",
-             "|---|" + "---:|" * len(patterns)]
-    best = {}
-    for pat in patterns:
-        means = {m: float(np.mean(results[pat][m][key])) for m in methods if m in results[pat]}
-        best[pat] = max(means, key=means.__getitem__) if means else None
-    for m in methods:
-        cells = []
-        for pat in patterns:
-            if m not in results[pat]:
-                cells.append("–")
-                continue
-            text = _pm(results[pat][m][key])
-            cells.append(f"**{text}**" if best[pat] == m else text)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def report(exp: Mapping[str, Any], results: Mapping[str, Any], wall: float | None) -> str:
@@ -287,13 +162,13 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], wall: float | Non
         f"**Final test accuracy (%)** after round {b['rounds']}, mean ± std over seeds "
         "(best mean per column in bold):",
         "",
-        table(results, "final", methods),
+        grid.method_table(results, methods, "final"),
         "",
         f"**Late average (%)**: mean test accuracy over the last {LAST_EVALS} evaluations "
         f"(every {b.get('eval_every', 1)} rounds), mean ± std over seeds — less noisy than one "
         "evaluation:",
         "",
-        table(results, "late", methods),
+        grid.method_table(results, methods, "late"),
         "",
         f"{runs} runs; the sum of their wall-clock times is {run_wall / 60:.0f} min"
         + (f" ({wall / 60:.0f} min wall clock for this invocation)" if wall else "")
@@ -302,40 +177,10 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], wall: float | Non
     return "\n".join(lines)
 
 
-def write_section(doc: Path, text: str) -> None:
-    """Replace the text between ``<!-- fedau:results -->`` and ``<!-- /fedau:results -->``."""
-    from simulations.results import atomic_write_text
-
-    start, end = f"<!-- {MARK} -->", f"<!-- /{MARK} -->"
-    body = doc.read_text() if doc.is_file() else ""
-    if start in body and end in body:
-        head, rest = body.split(start, 1)
-        _, tail = rest.split(end, 1)
-        body = f"{head}{start}\n{text}\n{end}{tail}"
-    else:
-        body = f"{body.rstrip()}\n\n{start}\n{text}\n{end}\n"
-    atomic_write_text(doc, body)
-
-
 # ------------------------------------------------------------------------------ figures
-def save_png(fig: Any, path: Path) -> None:
-    """Write ``fig`` as a PNG (atomically; no PDF twin, to keep docs/figures small)."""
-    import io
-
-    from simulations.results import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_convergence(results: Mapping[str, Any], methods: Sequence[str], path: Path) -> None:
     """One panel per pattern: test accuracy vs round, mean ± std over seeds per method."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = grid.pyplot()
     pats = list(results)
     fig, axes = plt.subplots(1, len(pats), figsize=(4.6 * len(pats), 3.8), dpi=150, sharey=True,
                              squeeze=False)
@@ -358,7 +203,7 @@ def plot_convergence(results: Mapping[str, Any], methods: Sequence[str], path: P
     axes[0][0].set_ylabel("server test accuracy (%)")
     axes[0][-1].legend(frameon=False, fontsize=7, loc="lower right")
     fig.tight_layout()
-    save_png(fig, path)
+    grid.save_png(fig, path)
     plt.close(fig)
 
 
@@ -372,13 +217,9 @@ def fedau_weights(run_dir: Path) -> np.ndarray:
 def plot_weights(exp: Mapping[str, Any], out: Path, path: Path,
                  methods: Sequence[str] = ("fedau", "fedau-k50")) -> bool:
     """ω_n (seed ``seeds[0]``) against 1/rate_n, one panel per pattern; False if no run to read."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     from simulations.results import load_arrays
 
+    plt = grid.pyplot()
     seed = exp["seeds"][0]
     pats = list(exp["patterns"])
     fig, axes = plt.subplots(1, len(pats), figsize=(4.3 * len(pats), 4.0), dpi=150, squeeze=False)
@@ -412,7 +253,7 @@ def plot_weights(exp: Mapping[str, Any], out: Path, path: Path,
     axes[0][0].legend(frameon=False, fontsize=7, loc="upper left")
     fig.tight_layout()
     if drawn:
-        save_png(fig, path)
+        grid.save_png(fig, path)
     plt.close(fig)
     return drawn
 
@@ -444,24 +285,15 @@ def weight_stats(exp: Mapping[str, Any], out: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.fedau",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML")
-    parser.add_argument("--quick", action="store_true", help="apply the config's quick section")
-    parser.add_argument("--out", default=None, help="root of the run directories")
-    parser.add_argument("--docs", default=None, help="docs page to update (default docs/fedau.md; "
-                        "none with --quick)")
-    parser.add_argument("--figures", default=None, help="figure folder (default docs/figures; "
-                        "--out with --quick)")
-    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default 2)")
-    parser.add_argument("--fresh", action="store_true", help="redo finished runs")
-    parser.add_argument("--report-only", action="store_true", help="run nothing; report what exists")
+    parser = grid.grid_parser(
+        "simulations.experiments.fedau", __doc__, DEFAULT_CONFIG,
+        docs_help="docs page to update (default docs/fedau.md; none with --quick)",
+        figures_help="figure folder (default docs/figures; --out with --quick)")
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.config, quick=args.quick)
-        out = Path(args.out or ("runs/fedau_mnist1d_quick" if args.quick else "runs/fedau_mnist1d"))
-        docs = Path(args.docs) if args.docs else (None if args.quick else Path("docs/fedau.md"))
-        figures = Path(args.figures) if args.figures else (out if args.quick else Path("docs/figures"))
+        out, docs, figures = grid.output_paths(args, "runs/fedau_mnist1d", Path("docs/fedau.md"),
+                                               Path("docs/figures"))
         jobs = make_jobs(exp, out)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -488,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_convergence(results, list(exp["methods"]), figures / "fedau_convergence.png")
     plot_weights(exp, out, figures / "fedau_weights.png")
     if docs is not None:
-        write_section(docs, text)
+        grid.write_section(docs, text, MARK)
         print(f"wrote {docs}")
     print(f"figures in {figures}; results in {out / 'results.json'}")
     print(yaml.safe_dump({"weights": stats}, sort_keys=False))

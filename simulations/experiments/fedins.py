@@ -23,12 +23,9 @@ seed outside ``seeds``, one level) and writes its table between ``<!-- fedins:sw
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations.experiments import grid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedins_mnist1d.yaml"
 MARK = "fedins:results"
@@ -46,41 +44,17 @@ SECTIONS = ("seeds", "base", "levels", "methods")
 
 
 # ------------------------------------------------------------------------------ config
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict update (mappings merge, anything else replaces)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
     """The experiment mapping (``seeds``, ``base``, ``levels``, ``methods``, optional ``sweep``);
     ``quick`` applies the ``quick`` section (its ``base`` merges into ``base``, others replace)."""
-    from simulations.config import read_yaml
-
-    exp = read_yaml(path)
-    for key in SECTIONS:
-        if key not in exp:
-            raise ConfigError(key, f"{path} has no {key!r} section")
-    extra = sorted(set(exp) - {*SECTIONS, "sweep", "quick"})
-    if extra:
-        raise ConfigError(extra[0], "unknown key; allowed: base, levels, methods, quick, seeds, sweep")
-    if quick:
-        q = dict(exp.get("quick") or {})
-        exp["base"] = _merge(exp["base"], q.pop("base", {}))
-        exp.update(q)
-    exp.pop("quick", None)
+    exp = grid.load_grid(path, SECTIONS, ("sweep",), quick=quick)
     if not exp["seeds"] or not exp["levels"] or not exp["methods"]:
         raise ConfigError("seeds", "need at least one seed, level and method")
     return exp
 
 
 @dataclasses.dataclass(frozen=True)
-class Job:
+class Job(grid.GridJob):
     """One run of the grid."""
 
     level: str
@@ -90,29 +64,20 @@ class Job:
     tag: str = ""
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.config["out"])
-
-    @property
     def name(self) -> str:
         return f"{self.level}/{self.method}{self.tag}/seed-{self.seed}"
 
 
 def _job(exp: Mapping[str, Any], level: str, method: str, seed: int, out: Path,
          extra: Mapping[str, Any] | None = None, tag: str = "") -> Job:
-    from simulations.config import build_config
-
     if level not in exp["levels"]:
         raise ConfigError("sweep.level", f"unknown level {level!r}; allowed: {', '.join(exp['levels'])}")
     if method not in exp["methods"]:
         raise ConfigError("sweep.lr", f"unknown method {method!r}; allowed: {', '.join(exp['methods'])}")
-    data = _merge(_merge(_merge(exp["base"], exp["methods"][method] or {}),
-                         exp["levels"][level] or {}), extra or {})
+    data = grid.merge(grid.merge(grid.merge(exp["base"], exp["methods"][method] or {}),
+                                 exp["levels"][level] or {}), extra or {})
     data.update(seed=int(seed), out=str(out / level / f"{method}{tag}" / f"seed-{seed}"))
-    try:
-        build_config(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{level}.{method}.{exc.field}", exc.message) from None
+    grid.validate_cell(data, f"{level}.{method}")
     return Job(level, method, int(seed), data, tag)
 
 
@@ -136,34 +101,9 @@ def make_sweep_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
 
 
 # ------------------------------------------------------------------------------ running
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
-
-
-def _summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
     """Run (or reuse) one simulation; return its summary (plus ``reused``)."""
-    if finished(job.run_dir) and not fresh:
-        return {**_summary(job.run_dir), "reused": True}
-    import torch
-
-    from simulations.config import build_config
-    from simulations.runner import Simulation
-
-    torch.set_num_threads(1)
-    _quiet_worker()  # again: importing flwr resets its logger
-    result = Simulation(build_config(job.config), overwrite=True).run()
-    return {**result.summary, "reused": False}
-
-
-def _quiet_worker() -> None:
-    import logging
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    return grid.run_simulation(job, fresh)
 
 
 def prepare_backbones(jobs: Sequence[Job], echo: Callable[[str], None] = print) -> None:
@@ -181,57 +121,16 @@ def prepare_backbones(jobs: Sequence[Job], echo: Callable[[str], None] = print) 
 
 def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Run ``jobs`` (``workers`` at a time); ``{job.name: summary}``."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
+    """Run ``jobs`` (``workers`` at a time); ``{job.name: summary}``. A run the runner stops (e.g.
+    every update rejected: a diverged learning rate) is reported as FAILED and left out."""
     from simulations.runner import RunError
 
-    todo = [j for j in jobs if fresh or not finished(j.run_dir)]
-    done = {j.name: {**_summary(j.run_dir), "reused": True} for j in jobs if j not in todo}
-    if done:
-        echo(f"reusing {len(done)} finished runs")
-    if not todo:
-        return done
-    prepare_backbones(todo, echo)
-    t0 = time.perf_counter()
-
-    def line(i: int, job: Job, s: Mapping[str, Any]) -> str:
-        return (f"[{i}/{len(todo)}] {job.name}: {100 * s['final_test_accuracy']:.1f} % "
-                f"({s['wall_seconds']:.0f} s run, {time.perf_counter() - t0:.0f} s elapsed)")
-
-    if workers <= 1:
-        _quiet_worker()
-        for i, job in enumerate(todo, 1):
-            try:
-                done[job.name] = s = run_job(job, fresh)
-            except RunError as exc:
-                echo(f"[{i}/{len(todo)}] {job.name}: FAILED ({exc})")
-                continue
-            echo(line(i, job, s))
-        return done
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_quiet_worker) as pool:
-        futures = {pool.submit(run_job, job, fresh): job for job in todo}
-        for i, fut in enumerate(as_completed(futures), 1):
-            job = futures[fut]
-            try:
-                done[job.name] = s = fut.result()
-            except RunError as exc:  # e.g. every update rejected (a diverged learning rate)
-                echo(f"[{i}/{len(todo)}] {job.name}: FAILED ({exc})")
-                continue
-            echo(line(i, job, s))
-    return done
+    return grid.run_all(jobs, run_job, initializer=grid.init_worker, workers=workers, fresh=fresh,
+                        echo=echo, prepare=lambda todo: prepare_backbones(todo, echo),
+                        catch=(RunError,))
 
 
 # ------------------------------------------------------------------------------ results
-def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
-    from simulations.results import read_metrics
-
-    return [r for r in read_metrics(run_dir) if r.get("phase") == "train"]
-
-
 def collect(jobs: Sequence[Job]) -> dict[str, Any]:
     """Per (level, method): per-seed final and per-domain accuracy, communication, run time, and
     (FedIns) the slot histogram of each seed. JSON-ready."""
@@ -240,10 +139,10 @@ def collect(jobs: Sequence[Job]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for job in jobs:
-        if not finished(job.run_dir):
+        if not grid.finished(job.run_dir):
             continue
-        summary = _summary(job.run_dir)
-        rows = _train_rows(job.run_dir)
+        summary = grid.read_summary(job.run_dir)
+        rows = grid.train_rows(job.run_dir)
         ev = evaluate_run(job.run_dir)
         cell = out.setdefault(job.level, {}).setdefault(job.method + job.tag, {
             "seeds": [], "final": [], "offline": [], "per_domain": [], "wall_seconds": [],
@@ -267,28 +166,8 @@ def collect(jobs: Sequence[Job]) -> dict[str, Any]:
     return out
 
 
-def _pm(values: Sequence[float], scale: float = 100.0) -> str:
-    v = scale * np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return "–"
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
-
-
-def accuracy_table(results: Mapping[str, Any], methods: Sequence[str], key: str = "final") -> str:
-    """Rows = methods, columns = levels, mean ± std (%) over seeds; best mean per column bold."""
-    levels = list(results)
-    lines = ["| method | " + " | ".join(levels) + " |", "|---|" + "---:|" * len(levels)]
-    best = {}
-    for lv in levels:
-        means = {m: float(np.mean(results[lv][m][key])) for m in methods if m in results[lv]}
-        best[lv] = max(means, key=means.__getitem__) if means else None
-    for m in methods:
-        cells = []
-        for lv in levels:
-            text = _pm(results[lv][m][key]) if m in results[lv] else "–"
-            cells.append(f"**{text}**" if best[lv] == m else text)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+#: The accuracy table (rows = methods, columns = levels), see :func:`grid.method_table`.
+accuracy_table = grid.method_table
 
 
 def comm_table(results: Mapping[str, Any], methods: Sequence[str]) -> str:
@@ -323,7 +202,7 @@ def domain_table(results: Mapping[str, Any], level: str, methods: Sequence[str])
     for m in methods:
         if m not in cells:
             continue
-        row = [_pm([pd[d] for pd in cells[m]["per_domain"]]) for d in domains]
+        row = [grid.pm([pd[d] for pd in cells[m]["per_domain"]]) for d in domains]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -467,43 +346,19 @@ def sweep_report(exp: Mapping[str, Any], results: Mapping[str, Any], out: Path) 
         for lr in lrs:
             c = cells.get(f"{method}-lr{lr:g}")
             failed = (out / "sweep" / sw["level"] / f"{method}-lr{lr:g}").is_dir()
-            text = (f"{lr:g} → {_pm(c['final'])}" if c else
+            text = (f"{lr:g} → {grid.pm(c['final'])}" if c else
                     f"{lr:g} → diverged" if failed else f"{lr:g} → –")
             row.append(f"**{text}**" if math.isclose(lr, chosen) else text)
         lines.append(f"| {method} | " + ", ".join(row) + " |")
     return "\n".join(lines)
 
 
-def write_section(doc: Path, text: str, mark: str = MARK) -> None:
-    """Replace the text between ``<!-- mark -->`` and ``<!-- /mark -->`` (or append it)."""
-    from simulations.results import atomic_write_text
-
-    start, end = f"<!-- {mark} -->", f"<!-- /{mark} -->"
-    body = doc.read_text() if doc.is_file() else ""
-    if start in body and end in body:
-        head, rest = body.split(start, 1)
-        _, tail = rest.split(end, 1)
-        body = f"{head}{start}\n{text}\n{end}{tail}"
-    else:
-        body = f"{body.rstrip()}\n\n{start}\n{text}\n{end}\n"
-    atomic_write_text(doc, body)
-
-
 # ------------------------------------------------------------------------------ figures
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_accuracy(exp: Mapping[str, Any], results: Mapping[str, Any], path: Path) -> None:
     """Accuracy vs domains per client, mean ± std over seeds, one line per method."""
     from simulations.plot import save_figure
 
-    plt = _plt()
+    plt = grid.pyplot()
     levels = list(results)
     xs = [int(exp["levels"][lv].get("partition_args", {}).get("domains_per_client", i + 1))
           for i, lv in enumerate(levels)]
@@ -532,7 +387,7 @@ def plot_slots(results: Mapping[str, Any], path: Path, method: str = "fedins") -
     """Heatmap per level: share of each domain's test samples selecting each slot (first seed)."""
     from simulations.plot import save_figure
 
-    plt = _plt()
+    plt = grid.pyplot()
     levels = [lv for lv, c in results.items() if method in c and c[method]["slot_histogram"]]
     if not levels:
         return False
@@ -554,25 +409,16 @@ def plot_slots(results: Mapping[str, Any], path: Path, method: str = "fedins") -
 
 # ------------------------------------------------------------------------------ CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.fedins",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML")
-    parser.add_argument("--quick", action="store_true", help="apply the config's quick section")
+    parser = grid.grid_parser(
+        "simulations.experiments.fedins", __doc__, DEFAULT_CONFIG,
+        docs_help="docs page to update (default docs/fedins.md; none with --quick)",
+        figures_help="figure folder (default docs/figures; --out with --quick)")
     parser.add_argument("--sweep", action="store_true", help="run the learning-rate sweep only")
-    parser.add_argument("--out", default=None, help="root of the run directories")
-    parser.add_argument("--docs", default=None, help="docs page to update (default "
-                        "docs/fedins.md; none with --quick)")
-    parser.add_argument("--figures", default=None, help="figure folder (default docs/figures; "
-                        "--out with --quick)")
-    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (default 2)")
-    parser.add_argument("--fresh", action="store_true", help="redo finished runs")
-    parser.add_argument("--report-only", action="store_true", help="run nothing; report what exists")
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.config, quick=args.quick)
-        out = Path(args.out or ("runs/fedins_mnist1d_quick" if args.quick else "runs/fedins_mnist1d"))
-        docs = Path(args.docs) if args.docs else (None if args.quick else Path("docs/fedins.md"))
-        figures = Path(args.figures) if args.figures else (out if args.quick else Path("docs/figures"))
+        out, docs, figures = grid.output_paths(args, "runs/fedins_mnist1d", Path("docs/fedins.md"),
+                                               Path("docs/figures"))
         jobs = make_sweep_jobs(exp, out) if args.sweep else make_jobs(exp, out)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -594,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = sweep_report(exp, results, out)
         print(text)
         if docs is not None:
-            write_section(docs, text, SWEEP_MARK)
+            grid.write_section(docs, text, SWEEP_MARK)
             print(f"wrote {docs}")
         return 0
     text = report(exp, results, wall)
@@ -603,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_accuracy(exp, results, figures / "fedins_accuracy.png")
     plot_slots(results, figures / "fedins_slots.png")
     if docs is not None:
-        write_section(docs, text)
+        grid.write_section(docs, text, MARK)
         print(f"wrote {docs}")
     print(f"figures in {figures}; results in {out / name}")
     return 0

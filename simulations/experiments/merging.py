@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import re
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations.experiments import grid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "merging_mnist1d.yaml"
 
@@ -56,10 +56,6 @@ def _run_config(base: Mapping[str, Any], phase: Mapping[str, Any], seed: int, ou
     return build_config(data)
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
-
-
 def run_phase(base: Mapping[str, Any], phase: Mapping[str, Any], seed: int, out: Path,
               fresh: bool, init: dict[str, np.ndarray] | None = None,
               capture: list[Any] | None = None) -> dict[str, Any]:
@@ -70,7 +66,7 @@ def run_phase(base: Mapping[str, Any], phase: Mapping[str, Any], seed: int, out:
     from strategies.arrays import to_record
 
     cfg = _run_config(base, phase, seed, out)
-    if _finished(out) and not fresh and capture is None and \
+    if grid.finished(out) and not fresh and capture is None and \
             (out / "config.yaml").read_text() == dump_yaml(cfg):  # same run: reuse it
         return json.loads((out / "summary.json").read_text())
     sim = Simulation(cfg, overwrite=True)
@@ -108,7 +104,7 @@ def oneshot(cfg: Mapping[str, Any], seed: int, root: Path, fresh: bool) -> dict[
     run_phase(base, spec["warmup"], seed, warm_dir, fresh)
     init = load_arrays(warm_dir / "model.safetensors")
     manifest = clients_dir / "clients.json"
-    if fresh or not (_finished(tune_dir) and manifest.is_file()):
+    if fresh or not (grid.finished(tune_dir) and manifest.is_file()):
         replies: list[Any] = []
         run_phase(base, spec["finetune"], seed, tune_dir, True, init=init, capture=replies)
         entries = []
@@ -260,20 +256,8 @@ def multiround_table(results: Mapping[int, Mapping[str, Mapping[str, Any]]], rou
     return "\n".join(lines)
 
 
-def _save_png(fig: Any, path: Path) -> None:
-    from simulations.results import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_oneshot(results: Mapping[int, Mapping[str, Mapping[str, float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = grid.pyplot()
     seeds = sorted(results)
     names = sorted(results[seeds[0]],
                    key=lambda k: np.mean([results[s][k]["test_accuracy"] for s in seeds]))
@@ -288,16 +272,12 @@ def plot_oneshot(results: Mapping[int, Mapping[str, Mapping[str, float]]], path:
     ax.set_title("One-shot merging of 10 fine-tuned clients (MNIST-1D, Dirichlet α = 0.3)",
                  fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
-    _save_png(fig, path)
+    grid.save_png(fig, path)
     plt.close(fig)
 
 
 def plot_multiround(results: Mapping[int, Mapping[str, Mapping[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = grid.pyplot()
     seeds = sorted(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
     for k in results[seeds[0]]:
@@ -311,7 +291,7 @@ def plot_multiround(results: Mapping[int, Mapping[str, Mapping[str, Any]]], path
     ax.set_title("Multi-round, MNIST-1D, 10 clients, Dirichlet α = 0.3", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
-    _save_png(fig, path)
+    grid.save_png(fig, path)
     plt.close(fig)
 
 

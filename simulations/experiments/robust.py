@@ -19,10 +19,9 @@ the largest f, one panel per attack) and ``robust_vs_f.png`` (worst case over at
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -34,46 +33,23 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations.experiments import grid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust_mnist1d.yaml"
 MARK = "robust:results"
 NO_ATTACK = "none"
 #: Written instead of summary.json when the runner stops a run early (``RunError``): e.g. the mean
 #: under ipm(100) diverges until every update is rejected as non-finite or absurd.
-FAILED = "failed.json"
-_KEYS = ("seeds", "seeds_by_f", "f", "base", "attacks", "aggregators", "quick")
+FAILED = grid.FAILED
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # ------------------------------------------------------------------------------ config
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict update (mappings merge, anything else replaces)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
     """The experiment mapping; ``quick`` applies the ``quick`` section (its ``base`` merges into
     ``base``, other keys replace)."""
-    from simulations.config import read_yaml
-
-    exp = read_yaml(path)
-    for key in ("seeds", "f", "base", "attacks", "aggregators"):
-        if key not in exp:
-            raise ConfigError(key, f"{path} has no {key!r} section")
-    extra = sorted(set(exp) - set(_KEYS))
-    if extra:
-        raise ConfigError(extra[0], f"unknown key; allowed: {', '.join(sorted(_KEYS))}")
-    if quick:
-        q = dict(exp.get("quick") or {})
-        exp["base"] = _merge(exp["base"], q.pop("base", {}))
-        exp.update(q)
-    exp.pop("quick", None)
+    exp = grid.load_grid(path, ("seeds", "f", "base", "attacks", "aggregators"), ("seeds_by_f",),
+                         quick=quick)
     exp["seeds_by_f"] = {int(k): [int(s) for s in v] for k, v in (exp.get("seeds_by_f") or {}).items()}
     if not exp["seeds"] or not exp["f"] or not exp["attacks"] or not exp["aggregators"]:
         raise ConfigError("seeds", "need at least one seed, f, attack and aggregator")
@@ -83,7 +59,7 @@ def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> d
 
 
 @dataclasses.dataclass(frozen=True)
-class Job:
+class Job(grid.GridJob):
     """One run of the grid."""
 
     f: int
@@ -93,18 +69,12 @@ class Job:
     config: dict[str, Any]
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.config["out"])
-
-    @property
     def name(self) -> str:
         return f"f{self.f}/{self.attack}/{self.aggregator}/seed-{self.seed}"
 
 
 def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
     """Every cell of the grid, validated up front (a ConfigError names the cell)."""
-    from simulations.config import build_config
-
     jobs = []
     for f in exp["f"]:
         f = int(f)
@@ -113,16 +83,13 @@ def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
         for attack, a_over in attack_items:
             for agg, g_over in exp["aggregators"].items():
                 for seed in seeds:
-                    data = _merge(_merge(exp["base"], g_over or {}), a_over or {})
+                    data = grid.merge(grid.merge(exp["base"], g_over or {}), a_over or {})
                     data.update(seed=int(seed), num_byzantine=f,
                                 out=str(out / f"f{f}" / attack / agg / f"seed-{seed}"))
                     if f == 0:
                         data.pop("attack", None)
                         data.pop("attack_args", None)
-                    try:
-                        build_config(data)
-                    except ConfigError as exc:
-                        raise ConfigError(f"f{f}.{attack}.{agg}.{exc.field}", exc.message) from None
+                    grid.validate_cell(data, f"f{f}.{attack}.{agg}")
                     jobs.append(Job(f, attack, agg, int(seed), data))
     return jobs
 
@@ -131,118 +98,46 @@ def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
 def finished(run_dir: Path) -> bool:
     """A run is done when it wrote its summary, or stopped early (``failed.json``, see
     :func:`run_job`)."""
-    return (run_dir / "summary.json").is_file() or (run_dir / FAILED).is_file()
-
-
-def _done_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        path = run_dir / FAILED
-    return {**json.loads(path.read_text()), "reused": True}
+    return grid.finished(run_dir, failed=True)
 
 
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
-    """Run (or reuse) one simulation; return its summary (plus ``reused``)."""
-    if finished(job.run_dir) and not fresh:
-        return _done_summary(job.run_dir)
-    import torch
-
-    from simulations.config import build_config
-    from simulations.results import atomic_write_text
-    from simulations.runner import RunError, Simulation
-
-    torch.set_num_threads(1)
-    _quiet_logs()
-    (job.run_dir / FAILED).unlink(missing_ok=True)
-    t0 = time.process_time()
-    try:
-        result = Simulation(build_config(job.config), overwrite=True).run()
-    except RunError as exc:  # diverged: keep the completed rounds, record why it stopped
-        rounds, acc = run_curve(job.run_dir)
-        info = {"error": str(exc), "last_round": int(rounds[-1]),
-                "final_test_accuracy": float(acc[-1]), "wall_seconds": 0.0,
-                "cpu_seconds": time.process_time() - t0}
-        atomic_write_text(job.run_dir / FAILED, json.dumps(info))
-        return {**info, "reused": False}
-    return {**result.summary, "cpu_seconds": time.process_time() - t0, "reused": False}
+    """Run (or reuse) one simulation; return its summary (plus ``cpu_seconds``, ``reused``). A run
+    the runner stops (diverged) keeps its completed rounds and writes ``failed.json``."""
+    return grid.run_simulation(job, fresh, quiet=_quiet_logs, keep_failed=True)
 
 
 def _quiet_logs() -> None:
-    """Flower logs every round at INFO; keep warnings only (rejections are expected here)."""
-    import logging
-
-    import flwr  # noqa: F401
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    logging.getLogger("fedagg").setLevel(logging.ERROR)
+    """Flower logs every round at INFO; keep errors only (rejections are expected here)."""
+    grid.quiet_logs(logging.ERROR, ("flwr", "fedagg"))
 
 
 def _quiet_worker() -> None:
     """Pool worker set-up: one BLAS/OpenMP thread per run (runs are the parallelism)."""
+    grid.init_worker(_THREAD_VARS, logging.ERROR, ("flwr", "fedagg"), threadpool=True)
+
+
+def _progress(i: int, total: int, job: Job, s: Mapping[str, Any], elapsed: float) -> str:
+    stopped = f", stopped: {s['error']}" if "error" in s else ""
+    return (f"[{i}/{total}] {job.name}: {100 * s['final_test_accuracy']:.1f} % "
+            f"({s.get('cpu_seconds', 0.0):.1f} s CPU, {elapsed:.0f} s elapsed{stopped})")
+
+
+def _one_thread(_todo: Sequence[Job]) -> None:
+    """One BLAS/OpenMP thread, set here so spawned workers inherit it before importing numpy."""
     for var in _THREAD_VARS:
         os.environ[var] = "1"
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except ImportError:  # pragma: no cover - optional
-        pass
-    _quiet_logs()
 
 
 def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run ``jobs`` (``workers`` ≤ 2 at a time); ``{job.name: summary}``."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    workers = max(1, min(int(workers), 2))
-    todo = [j for j in jobs if fresh or not finished(j.run_dir)]
-    done = {j.name: _done_summary(j.run_dir) for j in jobs if j not in todo}
-    if done:
-        echo(f"reusing {len(done)} finished runs")
-    if not todo:
-        return done
-    t0 = time.perf_counter()
-
-    def report(i: int, job: Job, s: Mapping[str, Any]) -> None:
-        stopped = f", stopped: {s['error']}" if "error" in s else ""
-        echo(f"[{i}/{len(todo)}] {job.name}: {100 * s['final_test_accuracy']:.1f} % "
-             f"({s.get('cpu_seconds', 0.0):.1f} s CPU, {time.perf_counter() - t0:.0f} s elapsed"
-             f"{stopped})", )
-
-    for var in _THREAD_VARS:  # inherited by spawned workers before they import numpy
-        os.environ[var] = "1"
-    if workers == 1:
-        _quiet_worker()
-        for i, job in enumerate(todo, 1):
-            done[job.name] = s = run_job(job, fresh)
-            report(i, job, s)
-        return done
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_quiet_worker) as pool:
-        futures = {pool.submit(run_job, job, fresh): job for job in todo}
-        for i, fut in enumerate(as_completed(futures), 1):
-            job = futures[fut]
-            done[job.name] = s = fut.result()
-            report(i, job, s)
-    return done
+    return grid.run_all(jobs, run_job, initializer=_quiet_worker,
+                        workers=max(1, min(int(workers), 2)), fresh=fresh, echo=echo,
+                        line=_progress, keep_failed=True, prepare=_one_thread)
 
 
 # ------------------------------------------------------------------------------ results
-def run_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(rounds, test accuracy)`` of the evaluated rounds of a run (round 0 included)."""
-    from simulations.results import read_metrics
-
-    rows = read_metrics(run_dir)
-    pts = [(float(r["round"]), float(r["test_accuracy"])) for r in rows
-           if r.get("test_accuracy") not in (None, "") and math.isfinite(float(r["test_accuracy"]))]
-    arr = np.array(pts, dtype=np.float64).reshape(-1, 2)
-    return arr[:, 0], arr[:, 1]
-
-
 def expected_rounds(config: Mapping[str, Any]) -> list[float]:
     """The rounds a complete run evaluates: 0, every ``eval_every``-th, and the last."""
     total, every = int(config.get("rounds", 20)), int(config.get("eval_every", 1))
@@ -250,9 +145,7 @@ def expected_rounds(config: Mapping[str, Any]) -> list[float]:
 
 
 def _column_total(run_dir: Path, key: str) -> float:
-    from simulations.results import read_metrics
-
-    vals = [r.get(key) for r in read_metrics(run_dir) if r.get("phase") == "train"]
+    vals = [r.get(key) for r in grid.train_rows(run_dir)]
     return float(sum(float(v) for v in vals if v not in (None, "") and math.isfinite(float(v))))
 
 
@@ -263,8 +156,8 @@ def collect(jobs: Sequence[Job]) -> dict[str, Any]:
     for job in jobs:
         if not finished(job.run_dir):
             continue
-        rounds, acc = run_curve(job.run_dir)
-        summary = _done_summary(job.run_dir)
+        rounds, acc = grid.run_curve(job.run_dir)
+        summary = grid.read_summary(job.run_dir, failed=True)
         expected = expected_rounds(job.config)
         stopped = "error" in summary
         if stopped and len(acc) < len(expected):  # carry the last evaluation forward
@@ -299,9 +192,7 @@ def worst_case(results: Mapping[str, Any], f: int, agg: str, attacks: Sequence[s
 def _fmt(values: Sequence[float] | None, stopped: int = 0) -> str:
     if not values:
         return "–"
-    v = 100 * np.asarray(values, dtype=np.float64)
-    text = f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
-    return text + (" †" * (stopped > 0))
+    return grid.pm(values) + (" †" * (stopped > 0))
 
 
 def _cell_text(cell: Mapping[str, Any] | None) -> str:
@@ -375,11 +266,7 @@ def _style(agg: str, i: int) -> dict[str, Any]:
 
 def plot_heatmap(results: Mapping[str, Any], f: int, attacks: Sequence[str], aggs: Sequence[str],
                  labels: Mapping[str, str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = grid.pyplot()
     cols = ["clean\n(f=0)", *[labels.get(a, a) for a in attacks], "worst\ncase"]
     M = np.full((len(aggs), len(cols)), np.nan)
     for i, agg in enumerate(aggs):
@@ -410,11 +297,7 @@ def plot_heatmap(results: Mapping[str, Any], f: int, attacks: Sequence[str], agg
 
 def plot_curves(results: Mapping[str, Any], f: int, attacks: Sequence[str], aggs: Sequence[str],
                 labels: Mapping[str, str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = grid.pyplot()
     ncol = 3
     nrow = math.ceil(len(attacks) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), sharey=True,
@@ -445,11 +328,7 @@ def plot_curves(results: Mapping[str, Any], f: int, attacks: Sequence[str], aggs
 
 def plot_vs_f(results: Mapping[str, Any], fs: Sequence[int], attacks: Sequence[str],
               aggs: Sequence[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = grid.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for i, agg in enumerate(aggs):
         ys = [100 * worst_case(results, f, agg, attacks) for f in fs]
@@ -533,38 +412,24 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
 
 def write_docs(markdown: str, docs: Path) -> Path:
     """Replace the block between the result markers of ``docs`` (appended if absent)."""
-    from simulations.results import atomic_write_text
-
-    start, end = f"<!-- {MARK} -->", f"<!-- /{MARK} -->"
-    text = docs.read_text() if docs.exists() else "# Byzantine-robust aggregation\n"
-    block = f"{start}\n{markdown.strip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    atomic_write_text(docs, text)
+    grid.write_section(docs, markdown.strip(), MARK, empty="# Byzantine-robust aggregation\n")
     return docs
 
 
 # ------------------------------------------------------------------------------ CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.robust",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--quick", action="store_true", help="the config's quick section")
-    parser.add_argument("--out", default=None, help="runs directory")
-    parser.add_argument("--workers", type=int, default=2, help="parallel runs (at most 2)")
-    parser.add_argument("--fresh", action="store_true", help="redo finished runs")
-    parser.add_argument("--report-only", action="store_true", help="run nothing; report")
-    parser.add_argument("--docs", default=None, help="markdown page to update")
-    parser.add_argument("--figures", default=None, help="figure directory")
+    parser = grid.grid_parser(
+        "simulations.experiments.robust", __doc__, DEFAULT_CONFIG,
+        docs_help="docs page to update (default docs/robust.md; none with --quick)",
+        figures_help="figure folder (default docs/figures; none with --quick)",
+        workers_help="runs in parallel (default 2, at most 2)")
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parents[2]
     try:
         exp = load_experiment(args.config, quick=args.quick)
-        out = Path(args.out or ("runs/robust_mnist1d_quick" if args.quick else "runs/robust_mnist1d"))
+        out, docs, figures = grid.output_paths(args, "runs/robust_mnist1d",
+                                               root / "docs" / "robust.md", root / "docs" / "figures",
+                                               quick_figures=False)
         jobs = make_jobs(exp, out)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -584,14 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = sum(1 for j in jobs if finished(j.run_dir))
     md = report_markdown(results, exp, done)
     print(md)
-    figures = Path(args.figures) if args.figures else (None if args.quick else root / "docs" / "figures")
     if figures is not None:
         attacks, aggs = list(exp["attacks"]), list(exp["aggregators"])
         fmax = max(int(f) for f in exp["f"])
         plot_heatmap(results, fmax, attacks, aggs, LABELS, figures / "robust_heatmap.png")
         plot_curves(results, fmax, attacks, aggs, LABELS, figures / "robust_curves.png")
         plot_vs_f(results, sorted(int(f) for f in exp["f"]), attacks, aggs, figures / "robust_vs_f.png")
-    docs = Path(args.docs) if args.docs else (None if args.quick else root / "docs" / "robust.md")
     if docs is not None:
         print(f"recorded in {write_docs(md, docs)}")
     print(f"done in {time.perf_counter() - t0:.0f} s")
