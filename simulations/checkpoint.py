@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from fedagg.io import default_mode
 from simulations.results import atomic_write_text, load_arrays, save_arrays
 
 FORMAT = 1
@@ -85,6 +86,7 @@ def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = 2) -> Pa
     name = f"round-{ckpt.round:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
+        tmp.chmod(default_mode(0o777))  # mkdtemp's 0o700 would make the checkpoint private
         save_arrays(tmp / "global.safetensors", ckpt.arrays)
         arrays = {k: v for k, v in ckpt.strategy_state.items() if isinstance(v, np.ndarray)}
         others = {k: v for k, v in ckpt.strategy_state.items() if not isinstance(v, np.ndarray)}

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.data.base import ArrayDataset, CentralDataset
+from fedagg.io import atomic_write_bytes
 from fedagg.registry import Param, Registry
 from fedagg.rng import numpy_rng
 
@@ -63,15 +64,9 @@ def _cached(name: str, params: dict[str, Any], make: Any) -> dict[str, np.ndarra
         except (OSError, ValueError):
             path.unlink(missing_ok=True)  # corrupt entry: regenerate
     arrays = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
     return arrays
 
 

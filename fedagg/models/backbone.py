@@ -48,7 +48,6 @@ import importlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedagg.errors import ConfigError, unknown_name
+from fedagg.io import atomic_write_bytes
 from fedagg.ssf.pool import FeatureFn, resolve_feature_fn
 
 __all__ = [
@@ -321,19 +321,8 @@ def save_backbone(path: str | os.PathLike[str], module: nn.Module, recipe: Pretr
     if report is not None:
         meta.update(report.as_metadata())
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(st_save(state, metadata=meta))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    atomic_write_bytes(path, st_save(state, metadata=meta))
+    return Path(path)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -43,6 +45,19 @@ def test_run_directory_holds_config_metrics_model_summary(tmp_path) -> None:
     assert set(model) == set(res.arrays) and all(np.isfinite(v).all() for v in model.values())
     cfg = load_config(res.run_dir / "config.yaml")
     assert cfg.rounds == 3 and cfg.model == "mlp"
+
+
+def test_run_directory_files_follow_the_umask(tmp_path) -> None:
+    """Results are shared with colleagues: not mkstemp's private 0o600."""
+    old = os.umask(0o022)
+    try:
+        res = run(tmp_path, "perm", checkpoint_every=1)
+    finally:
+        os.umask(old)
+    written = [p for p in res.run_dir.rglob("*") if p.is_file()]
+    assert written and {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o644}
+    folders = [p for p in res.run_dir.rglob("*") if p.is_dir()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} <= {0o755}
 
 
 def test_same_seed_same_numbers_different_seed_different_numbers(tmp_path) -> None:

@@ -1,0 +1,39 @@
+"""Atomic file writes shared by the data cache, the backbone cache and the run directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def default_mode(base: int = 0o666) -> int:
+    """``base`` minus the process umask: the mode ``open``/``mkdir`` would give (``0o777`` for folders)."""
+    # os.umask can only be read by setting it; it is restored at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return base & ~mask
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder + rename.
+
+    Readers never see a partial file, an interrupted write leaves nothing behind, and the file gets
+    the permissions a plain ``open(path, "w")`` would give (``0o666`` minus the umask), not
+    ``mkstemp``'s private ``0o600``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
