@@ -187,7 +187,7 @@ def unpack_dir(data: bytes, dest: str | Path) -> list[Path]:
                 raise FetchError(f"refusing archive member outside the run directory: {m.name}")
         # summary.json last: its presence marks a finished run (simulations.results).
         members.sort(key=lambda m: m.name == "summary.json")
-        from simulations.results import atomic_write_bytes
+        from fedagg.io import atomic_write_bytes
 
         for m in members:
             fh = tar.extractfile(m)

@@ -219,7 +219,7 @@ def _panel_value(cfg: dict[str, Any], key: str) -> Any:
 
 def save_figure(fig: Any, out: str | Path) -> list[Path]:
     """Save ``fig`` as ``out`` (PNG) and the same stem as PDF, atomically; return the paths."""
-    from simulations.results import atomic_write_bytes
+    from fedagg.io import atomic_write_bytes
 
     out = Path(out)
     if out.suffix.lower() not in (".png", ".pdf"):

@@ -321,8 +321,7 @@ def save_backbone(path: str | os.PathLike[str], module: nn.Module, recipe: Pretr
     if report is not None:
         meta.update(report.as_metadata())
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    atomic_write_bytes(path, st_save(state, metadata=meta))
-    return Path(path)
+    return atomic_write_bytes(path, st_save(state, metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -337,7 +337,7 @@ def save_png(fig: Any, path: Path) -> None:
     """Write ``fig`` as a PNG (atomically; no PDF twin, to keep docs/figures small)."""
     import io
 
-    from simulations.results import atomic_write_bytes
+    from fedagg.io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
