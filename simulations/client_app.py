@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedagg.batched import ClientJob, batched_local_sgd, can_batch
 from fedagg.data import FederatedData, load_federated
 from fedagg.models import build_model
 from fedagg.registry import Registry
@@ -39,6 +40,9 @@ PARTITION_ID_KEY = "partition-id"
 
 #: Clients whose data tensors a process keeps (least recently used ones are dropped).
 TENSOR_CACHE = 256
+
+#: Tasks a worker can serve for many clients with one batched computation (``ClientRuntime.train_batch``).
+BATCHED_TASKS = ("train",)
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -70,6 +74,8 @@ class ClientRuntime:
         self._tensors: dict[int, ClientTensors] = {}
         self._device: torch.device | None = None
         self._profiles: ProfileTable | None = None
+        self._broadcast: tuple[RecordDict, dict[str, np.ndarray]] | None = None
+        self._batch_reasons: dict[int, str | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config}
@@ -164,6 +170,72 @@ class ClientRuntime:
     def generator(self, purpose: str, server_round: int, cid: int) -> torch.Generator:
         return torch_generator(self.seed, purpose, server_round, cid)
 
+    def broadcast_state(self, content: RecordDict) -> dict[str, np.ndarray]:
+        """The global model a message carries (``arrays``), decoded once per broadcast content:
+        every client of a round gets the same RecordDict object, so a worker decodes it once."""
+        if self._broadcast is None or self._broadcast[0] is not content:
+            self._broadcast = (content, to_numpy(content.array_records["arrays"]))
+        return self._broadcast[1]
+
+    def batch_reason(self, content: RecordDict) -> str | None:
+        """Why train messages with ``content`` cannot be served by :meth:`train_batch` (None: they can)."""
+        if not self.config.get("batched_clients", True):
+            return "batched_clients is off"
+        config = content.config_records.get("config", ConfigRecord())
+        task = str(config.get("task", "train"))
+        if task not in BATCHED_TASKS:
+            return f"task {task!r} has no batched path (batched: {', '.join(BATCHED_TASKS)})"
+        model = self.model()
+        if id(model) not in self._batch_reasons:
+            self._batch_reasons[id(model)] = can_batch(model)
+        return self._batch_reasons[id(model)]
+
+    def batch_chunk(self, model: torch.nn.Module, jobs: list[ClientJob]) -> int:
+        """Clients per batched call: what fits in ``batch_memory_mb`` (parameters, gradients,
+        momentum and the FedProx anchor per client, plus the stacked minibatches), at least one."""
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        batch = max(j.cfg.batch_size for j in jobs)
+        sample = max(int(jobs[0].x[0].numel()) if len(jobs[0].x) else 1, 1)
+        per_client = 4 * (5 * params + 8 * batch * sample)
+        budget = float(self.config.get("batch_memory_mb", 512.0)) * 2**20
+        return max(1, int(budget // per_client))
+
+    def train_batch(self, messages: list[Message], client_ids: list[int]) -> list[Message | Exception]:
+        """Serve train messages that share one broadcast content with batched local SGD
+        (:func:`fedagg.batched.batched_local_sgd`): one reply per message, in order; a client
+        whose injected fault fires gets its exception instead (the engine turns it into an error
+        reply). Results equal the per-client path (``train_task``) to float32 precision."""
+        content = messages[0].content
+        config = content.config_records.get("config", ConfigRecord())
+        server_round = int(config.get("server-round", 0))
+        out: list[Message | Exception | None] = [None] * len(messages)
+        jobs: list[ClientJob] = []
+        where: list[int] = []
+        for i, cid in enumerate(client_ids):
+            try:
+                self.inject_faults(server_round, cid)
+            except Exception as exc:  # noqa: BLE001 - this client's failure only
+                out[i] = exc
+                continue
+            t = self.tensors(cid)
+            jobs.append(ClientJob(t.x, t.y, self.train_config(config, cid),
+                                  self.generator("local-train", server_round, cid)))
+            where.append(i)
+        if jobs:
+            model = self.model()
+            load_numpy_state(model, self.broadcast_state(content))
+            chunk = self.batch_chunk(model, jobs)
+            for start in range(0, len(jobs), chunk):
+                part = jobs[start : start + chunk]
+                result = batched_local_sgd(model, part)
+                for j, job in enumerate(part):
+                    i = where[start + j]
+                    metrics = {"num-examples": int(len(job.y)), "train_loss": float(result.losses[j]),
+                               "client-id": client_ids[i], **result.metrics[j]}
+                    reply = RecordDict({"arrays": to_record(result.client(j)), "metrics": MetricRecord(metrics)})
+                    out[i] = Message(reply, reply_to=messages[i])
+        return out  # type: ignore[return-value]
+
     # ------------------------------------------------------------------ handlers
     def inject_faults(self, server_round: int, cid: int) -> None:
         """Injected failures of the run's ``faults`` config (see ``FaultsConfig``)."""
@@ -196,7 +268,7 @@ class ClientRuntime:
     def handle_evaluate(self, msg: Message, context: Context) -> Message:
         cid = client_id(context)
         model = self.model()
-        load_numpy_state(model, to_numpy(msg.content.array_records["arrays"]))
+        load_numpy_state(model, self.broadcast_state(msg.content))
         t = self.tensors(cid)
         loss, acc = evaluate(model, t.x_test, t.y_test)
         metrics = {"num-examples": int(len(t.y_test)), "test_loss": loss, "test_accuracy": acc,
@@ -230,7 +302,7 @@ def train_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Contex
     """Load the global model in place, run local SGD, reply ``arrays`` + ``metrics``."""
     config = content.config_records.get("config", ConfigRecord())
     model = rt.model()
-    load_numpy_state(model, to_numpy(content.array_records["arrays"]))
+    load_numpy_state(model, rt.broadcast_state(content))
     t = rt.tensors(cid)
     server_round = int(config.get("server-round", 0))
     loss = local_sgd(model, t.x, t.y, rt.train_config(config, cid), rt.generator("local-train", server_round, cid))

@@ -158,6 +158,8 @@ class RunConfig(_Strict):
     engine: Literal["ray", "flower", "inline"] = "ray"
     ray: RayConfig = Field(default_factory=RayConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    batched_clients: bool = True
+    batch_memory_mb: float = Field(512.0, gt=0)
     profiles: list[ProfileConfig] = Field(default_factory=list)
     simulated_time: SimulatedTimeConfig = Field(default_factory=SimulatedTimeConfig)
     round_timeout: float | None = Field(None, gt=0)

@@ -182,8 +182,10 @@ def run_on_engine(sim: Simulation) -> ArrayRecord:
             grid.shutdown()
     if cfg.engine == "ray":
         with ray_session(cfg.ray) as ray:
+            # batched clients: one chunk per worker and round (a bigger batch is cheaper per client)
             executor = RayExecutor(sim.client_app(), n, worker_pools(ray, sim),
-                                   pool_of=table.index if cfg.profiles else None)
+                                   pool_of=table.index if cfg.profiles else None,
+                                   chunks_per_worker=1 if cfg.batched_clients else 2)
             grid = SimGrid(n, executor, work=work)
             try:
                 return sim.serve(grid)

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -67,6 +67,14 @@ def client_context(client_id: int, num_clients: int, state: RecordDict | None,
     )
 
 
+def error_reply(message: Message, exc: BaseException) -> Message:
+    """The error reply Flower's runtime sends when a ClientApp raises ``exc``."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    at = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+    reason = f"{type(exc).__name__}: {exc}{at}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
 def run_client(app: ClientApp, message: Message, client_id: int, num_clients: int,
                state: RecordDict | None) -> tuple[Message, RecordDict | None, float]:
     """Call the ClientApp; an exception becomes an error reply (like Flower's runtime)."""
@@ -75,12 +83,39 @@ def run_client(app: ClientApp, message: Message, client_id: int, num_clients: in
     try:
         reply = app(message, ctx)
     except Exception as exc:  # noqa: BLE001 - any client failure becomes an error reply
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        reason = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
-        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        reply = error_reply(message, exc)
     seconds = time.perf_counter() - t0
     new_state = ctx.state if len(ctx.state) else None
     return reply, new_state, seconds
+
+
+def run_clients(app: ClientApp, messages: list[Message], client_ids: list[int], num_clients: int,
+                states: list[RecordDict | None]) -> list[tuple[Message, RecordDict | None, float]]:
+    """Serve several messages; train messages that share one broadcast go through the runtime's
+    batched path (``ClientRuntime.train_batch``: one computation for all of them) when the task
+    and model allow it, everything else through the ClientApp one message at a time. One reply per
+    message, in order; a batched client's seconds are its share of the batch's wall time."""
+    runtime = getattr(app, "fedagg_runtime", None)
+    out: list[tuple[Message, RecordDict | None, float] | None] = [None] * len(messages)
+    if runtime is not None:
+        groups: dict[int, list[int]] = {}
+        for i, msg in enumerate(messages):
+            if msg.metadata.message_type == MessageType.TRAIN:
+                groups.setdefault(id(msg.content), []).append(i)
+        for members in groups.values():
+            if runtime.batch_reason(messages[members[0]].content) is not None:
+                continue
+            t0 = time.perf_counter()
+            replies = runtime.train_batch([messages[i] for i in members], [client_ids[i] for i in members])
+            share = (time.perf_counter() - t0) / len(members)
+            for i, reply in zip(members, replies, strict=True):
+                if isinstance(reply, Exception):
+                    reply = error_reply(messages[i], reply)
+                out[i] = (reply, states[i], share)
+    for i, msg in enumerate(messages):
+        if out[i] is None:
+            out[i] = run_client(app, msg, client_ids[i], num_clients, states[i])
+    return out  # type: ignore[return-value]
 
 
 class Executor(Protocol):
@@ -109,22 +144,33 @@ class InlineExecutor:
     def submit(self, jobs: list[Job]) -> None:
         self._queue.extend(sorted(jobs, key=lambda j: -j.work))
 
-    def _run(self, job: Job) -> JobResult:
+    def _run(self, jobs: list[Job]) -> list[JobResult]:
         import torch
 
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # as in a 1-CPU Ray worker: same floating-point results
         try:
-            reply, state, secs = run_client(self.app, job.message, job.client_id, self.num_clients, job.state)
+            results = run_clients(self.app, [j.message for j in jobs], [j.client_id for j in jobs],
+                                  self.num_clients, [j.state for j in jobs])
         finally:
             torch.set_num_threads(threads)
-        return JobResult(job.message_id, job.client_id, reply, state, secs)
+        return [JobResult(j.message_id, j.client_id, reply, state, secs)
+                for j, (reply, state, secs) in zip(jobs, results, strict=True)]
 
     def wait(self, timeout: float | None) -> list[JobResult]:
+        """Run queued jobs: all train jobs sharing a broadcast in one batched call, the others one by
+        one, until the queue is empty or ``timeout`` has passed (checked between calls)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        out = []
+        out: list[JobResult] = []
         while self._queue and (deadline is None or time.monotonic() < deadline):
-            out.append(self._run(self._queue.popleft()))
+            head = self._queue.popleft()
+            batch = [head]
+            if head.message.metadata.message_type == MessageType.TRAIN:
+                rest: deque[Job] = deque()
+                for job in self._queue:
+                    (batch if job.message.content is head.message.content else rest).append(job)
+                self._queue = rest
+            out.extend(self._run(batch))
         return out
 
     def poll(self) -> list[JobResult]:
@@ -170,11 +216,9 @@ def _worker_class() -> Any:
                 if len(self._content) > 4:
                     self._content.clear()
                 self._content[key] = ray.get(ref)
-            out = []
-            for metadata, client_id, state in items:
-                message = Message(content=self._content[key], metadata=metadata)
-                out.append(run_client(self.app, message, client_id, self.num_clients, state))
-            return out
+            messages = [Message(content=self._content[key], metadata=metadata) for metadata, _, _ in items]
+            return run_clients(self.app, messages, [cid for _, cid, _ in items], self.num_clients,
+                               [state for _, _, state in items])
 
     return ClientWorker
 

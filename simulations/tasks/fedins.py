@@ -95,7 +95,7 @@ def fedins_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Conte
     model = rt.model()
     if not isinstance(model, SSFPoolModel):
         raise ConfigError("model", f"task 'fedins' needs model: fedins, got {rt.config['model']!r}")
-    load_numpy_state(model, to_numpy(content.array_records["arrays"]))
+    load_numpy_state(model, rt.broadcast_state(content))
     t = rt.tensors(cid)
     server_round = int(config.get("server-round", 0))
     lam = float(config.get("fedins-lambda", 0.1))

@@ -69,7 +69,7 @@ def fisher_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Conte
     """Load the global model, run local SGD, estimate the diagonal Fisher; see module docstring."""
     config = content.config_records.get("config", ConfigRecord())
     model = rt.model()
-    load_numpy_state(model, to_numpy(content.array_records["arrays"]))
+    load_numpy_state(model, rt.broadcast_state(content))
     t = rt.tensors(cid)
     server_round = int(config.get("server-round", 0))
     loss = local_sgd(model, t.x, t.y, rt.train_config(config),
