@@ -2,10 +2,17 @@
 
     python -m simulations.plot runs/fedavg-s0 runs/fedavg-s1 runs/fedau-s0 runs/fedau-s1 --out fig.png
 
-Runs are grouped by strategy (or ``--group-by`` any config key, e.g. ``participation.process``, or
-several, comma-separated); each group is drawn as its mean over runs (seeds) with a ±1 std band.
-``--panel-by KEY`` draws one panel per value of a config key. The figure is written as PNG and PDF
-next to each other (``fig.png`` and ``fig.pdf``).
+Runs are averaged into one curve only when their configs (``config.yaml``) differ in the seed alone
+(keys that cannot change results, :data:`NEUTRAL_KEYS`, are ignored); each such group is drawn as its
+mean over runs with a ±1 sample-std band (ddof=1) and ``n`` in the legend; a single run draws no band.
+Each curve is labelled by the strategy and the config keys that differ between the curves, e.g.
+``fedavg · rounds=20 · partition=dirichlet · alpha=0.1 (n=2)``; ``--group-by`` names keys to show
+in every label as well. The mean at a round is taken only where every run of the group has a value
+(rounds a run did not evaluate, ``eval_every`` > 1, are skipped), so a curve stops at its shortest
+run and the legend says ``cut at round R`` when a longer run was cut. Unfinished runs (no
+``summary.json``) are refused unless ``--include-unfinished``, which draws them dashed, marked
+``(unfinished)``, never averaged with finished runs. ``--panel-by KEY`` draws one panel per value of
+a config key. The figure is written as PNG and PDF next to each other (``fig.png`` and ``fig.pdf``).
 
 A sweep directory (``python -m simulations.sweep``, it holds ``sweep.json``) stands for its finished
 cells; when only sweep directories are given, ``--panel-by`` defaults to the first grid key other than
@@ -17,9 +24,12 @@ seed/strategy and ``--group-by`` to the other grid keys but seed (see :func:`swe
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -41,6 +51,20 @@ LABELS = {
 }
 PERCENT = {"test_accuracy", "client_test_accuracy"}
 
+#: Config keys (each with everything below it) that cannot change a run's results, so runs that differ
+#: only in them (and the seed) are averaged into one curve: where the run is written (``out``), how the
+#: clients are executed (``engine``, ``ray``, ``device``: the engines give the same results), how often
+#: the state is saved (``checkpoint_every``, ``keep_checkpoints``), and which rounds the server
+#: evaluates (``eval_every``: evaluation never feeds back into training; rounds a run did not evaluate
+#: are skipped by the mean).
+NEUTRAL_KEYS = ("out", "engine", "ray", "device", "checkpoint_every", "keep_checkpoints", "eval_every")
+#: The key runs of one curve differ in.
+SEED_KEY = "seed"
+#: The key every curve label starts with, shown bare (``fedavg``, not ``strategy=fedavg``).
+LEAD_KEY = "strategy"
+_MISSING = object()
+_SEP = " · "
+
 
 def run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.yaml"
@@ -58,15 +82,35 @@ def dotted(cfg: dict[str, Any], key: str) -> Any:
     return node
 
 
-def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories among ``paths``; a directory holding run directories is expanded."""
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → ``{dotted key: leaf}`` (dicts are walked; lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished when its ``summary.json`` exists (written last by the runner)."""
+    return (run_dir / "summary.json").is_file()
+
+
+def expand_runs(paths: Sequence[str | Path], *, include_unfinished: bool = False) -> list[Path]:
+    """Run directories among ``paths`` (each once); a directory holding run directories is expanded.
+    A sweep directory stands for its finished cells (with ``include_unfinished``: every cell with
+    a ``metrics.csv``)."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if (p / "metrics.csv").is_file():
             out.append(p)
         elif sweep_info(p) is not None:
-            inner = sorted(q.parent for q in (p / "cells").glob("*/summary.json"))
+            pattern = "*/metrics.csv" if include_unfinished else "*/summary.json"
+            inner = sorted(q.parent for q in (p / "cells").glob(pattern))
             if not inner:
                 raise ConfigError("run_dir", f"{p} is a sweep with no finished cell yet")
             out.extend(inner)
@@ -76,82 +120,278 @@ def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
                 raise ConfigError("run_dir", f"{p} holds no run directory (no metrics.csv below it)")
             out.extend(inner)
         else:
-            raise ConfigError("run_dir", f"{p} is not a run directory")
-    return out
+            raise ConfigError("run_dir", f"{p} is not a run directory (no metrics.csv)")
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
 
 
-def curves(run_dirs: Sequence[Path], metric: str, x: str, group_by: str
-           ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """``{group label: [(x, y) per run]}`` for ``metric`` against ``x`` (rows with NaN dropped)."""
-    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+@dataclass(frozen=True)
+class Series:
+    """One run's ``metric`` at the rounds it has a finite value: ``rounds``, ``x`` and ``y`` are
+    parallel 1-D arrays (``x`` is the round itself for ``--x round``)."""
+
+    rounds: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+def run_series(run_dir: Path, metric: str, x: str) -> Series:
+    """Read ``metric`` (percent for accuracies) against ``x`` from ``run_dir/metrics.csv``; rows
+    where either is NaN are dropped. ``x="seconds"`` is the cumulative wall time."""
+    rows = read_metrics(run_dir)
+    cols = _columns(run_dir)
+    if metric not in cols:
+        raise ConfigError("metric", f"{run_dir}/metrics.csv has no column {metric!r}; "
+                          f"columns: {', '.join(cols)}")
+    if x not in cols:
+        raise ConfigError("x", f"{run_dir}/metrics.csv has no column {x!r}; columns: {', '.join(cols)}")
+    if "round" not in cols:
+        raise ConfigError("run_dir", f"{run_dir}/metrics.csv has no round column")
+    rounds, xs, ys = [], [], []
+    elapsed = 0.0
+    for r in rows:
+        step = _number(r, "seconds", "x", run_dir) if "seconds" in r else 0.0
+        elapsed += step if np.isfinite(step) else 0.0
+        xv = elapsed if x == "seconds" else _number(r, x, "x", run_dir)
+        yv = _number(r, metric, "metric", run_dir)
+        if np.isfinite(yv) and np.isfinite(xv):
+            rounds.append(int(r["round"]))
+            xs.append(xv)
+            ys.append(100 * yv if metric in PERCENT else yv)
+    return Series(np.array(rounds, dtype=int), np.array(xs, dtype=float), np.array(ys, dtype=float))
+
+
+def _number(row: dict[str, Any], column: str, field: str, run_dir: Path) -> float:
+    try:
+        return float(row[column])
+    except (TypeError, ValueError):
+        raise ConfigError(field, f"{run_dir}/metrics.csv column {column!r} is not numeric "
+                          f"(round {row.get('round')}: {row[column]!r})") from None
+
+
+def _columns(run_dir: Path) -> list[str]:
+    with (run_dir / "metrics.csv").open(newline="") as fh:
+        return next(csv.reader(fh), [])
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One curve: the mean (and sample std, ddof=1; NaN for ``n`` = 1) over the ``n`` runs of a
+    group at the rounds where all of them have a value. ``x``, ``mean``, ``std``, ``rounds`` are
+    parallel 1-D arrays (``x`` is the mean x over runs at that round). ``cut_at`` is the last round
+    drawn when a run of the group has values after it, else None."""
+
+    label: str
+    runs: tuple[Path, ...]
+    finished: bool
+    rounds: np.ndarray
+    x: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    cut_at: int | None
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def legend(self) -> str:
+        """``label`` with what the reader must know: ``(unfinished, n=2, cut at round 7)``."""
+        notes = ["unfinished"] if not self.finished else []
+        if self.n > 1:
+            notes.append(f"n={self.n}")
+        if self.cut_at is not None:
+            notes.append(f"cut at round {self.cut_at}")
+        return f"{self.label} ({', '.join(notes)})" if notes else self.label
+
+
+def mean_band(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """``(rounds, x, mean, std, cut_at)`` over runs at the rounds every run has a value: sample std
+    (ddof=1; NaN for one run), x averaged over runs; ``cut_at`` as in :class:`Curve`."""
+    common = set(series[0].rounds.tolist())
+    for s in series[1:]:
+        common &= set(s.rounds.tolist())
+    rounds = np.array(sorted(common), dtype=int)
+    xs = np.empty((len(series), len(rounds)))
+    ys = np.empty((len(series), len(rounds)))
+    for i, s in enumerate(series):
+        at = {r: j for j, r in enumerate(s.rounds.tolist())}
+        idx = [at[r] for r in rounds.tolist()]
+        xs[i], ys[i] = s.x[idx], s.y[idx]
+    last = max((int(s.rounds.max()) for s in series if len(s.rounds)), default=None)
+    cut_at = int(rounds[-1]) if len(rounds) and last is not None and last > rounds[-1] else None
+    std = ys.std(axis=0, ddof=1) if len(series) > 1 else np.full(len(rounds), np.nan)
+    return rounds, xs.mean(axis=0), ys.mean(axis=0), std, cut_at
+
+
+def group_runs(run_dirs: Sequence[Path], *, include_unfinished: bool = False) -> list[list[Path]]:
+    """Runs whose configs differ only in the seed and :data:`NEUTRAL_KEYS`, and that are all finished
+    or all unfinished, in groups (first-seen order). An unfinished run is refused unless
+    ``include_unfinished``; two runs of one group with the same seed are refused."""
+    groups: dict[tuple[Any, ...], list[Path]] = {}
+    seeds: dict[tuple[Any, ...], dict[Any, Path]] = defaultdict(dict)
     for d in run_dirs:
-        rows = read_metrics(d)
-        if rows and metric not in rows[0]:
-            raise ConfigError("metric", f"{d}/metrics.csv has no column {metric!r}; "
-                              f"columns: {', '.join(rows[0])}")
-        if rows and x not in rows[0] and x != "seconds":
-            raise ConfigError("x", f"{d}/metrics.csv has no column {x!r}")
-        xs, ys = [], []
-        elapsed = 0.0
-        for r in rows:
-            elapsed += float(r.get("seconds", 0.0) or 0.0)
-            xv = elapsed if x == "seconds" else float(r[x])
-            yv = float(r[metric])
-            if np.isfinite(yv):
-                xs.append(xv)
-                ys.append(100 * yv if metric in PERCENT else yv)
-        groups[group_label(run_config(d), group_by)].append((np.array(xs), np.array(ys)))
-    return dict(groups)
+        finished = is_finished(d)
+        if not finished and not include_unfinished:
+            raise ConfigError("run_dir", f"{d} is unfinished (no summary.json); pass "
+                              "--include-unfinished to plot it dashed")
+        flat = flatten(run_config(d))
+        key = (finished, _identity(flat))
+        seed = flat.get(SEED_KEY)
+        if seed in seeds[key]:
+            raise ConfigError("run_dir", f"{seeds[key][seed]} and {d} are the same run (same config, "
+                              f"seed {seed}); give each seed once")
+        seeds[key][seed] = d
+        groups.setdefault(key, []).append(d)
+    return list(groups.values())
 
 
-def group_label(cfg: dict[str, Any], group_by: str) -> str:
-    """The curve label of a run: ``strategy`` shown bare, other keys as ``key=value`` (last part of
-    a dotted key), comma-separated keys joined, e.g. ``"fedau, lr=0.1"``."""
-    keys = [k.strip() for k in group_by.split(",") if k.strip()]
-    return ", ".join(str(dotted(cfg, k)) if k == "strategy" else f"{k.split('.')[-1]}={dotted(cfg, k)}"
-                     for k in keys)
+def _identity(flat: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """What makes runs comparable: every config leaf but the seed and the neutral keys."""
+    return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in flat.items()
+                        if k != SEED_KEY and not _neutral(k)))
 
 
-def mean_band(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std over runs on the longest run's x grid (interpolated; no extrapolation:
-    a run contributes only inside its own x range)."""
-    grid = max((x for x, _ in runs), key=len)
-    ys = np.full((len(runs), len(grid)), np.nan)
-    for i, (x, y) in enumerate(runs):
-        if len(x):
-            inside = (grid >= x.min()) & (grid <= x.max())
-            ys[i, inside] = np.interp(grid[inside], x, y)
-    with np.errstate(invalid="ignore"):
-        import warnings
+def _neutral(key: str) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in NEUTRAL_KEYS)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return grid, np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)
+
+def label_keys(configs: Sequence[dict[str, Any]], group_by: str = LEAD_KEY) -> list[str]:
+    """The keys naming the groups (``configs``: one flattened config each): the strategy, then the
+    ``group_by`` keys, then every other key whose value differs between groups (config order)."""
+    wanted = _wanted(group_by)
+    for cfg in configs:
+        for k in wanted:
+            if _leaf(cfg, k) is _MISSING:
+                raise ConfigError("group_by", f"config has no key {k!r}")
+    order: list[str] = []
+    for cfg in configs:
+        order.extend(k for k in cfg if k not in order)
+    differ = [k for k in order if k != SEED_KEY and not _neutral(k)
+              and len({json.dumps(_leaf(c, k), default=str) for c in configs}) > 1]
+    keys = [LEAD_KEY] + [k for k in wanted if k != LEAD_KEY]
+    return keys + [k for k in differ if k not in keys and not any(k.startswith(w + ".") for w in keys)]
+
+
+def group_labels(configs: Sequence[dict[str, Any]], group_by: str = LEAD_KEY) -> list[str]:
+    """One label per group: the :func:`label_keys` values, the strategy bare and the others as
+    ``key=value`` joined by `` · `` (a key by its last dotted part unless two shown keys share it).
+    A differing key that is unset (None or absent) in a group is left out of that group's label,
+    unless it is a ``group_by`` key or leaving it out would make two labels of different configs
+    equal."""
+    wanted = _wanted(group_by)
+    keys = label_keys(configs, group_by)
+    tails = [k.split(".")[-1] for k in keys]
+    names = {k: (t if tails.count(t) == 1 else k) for k, t in zip(keys, tails, strict=True)}
+
+    def label(cfg: dict[str, Any], terse: bool) -> str:
+        parts = []
+        for k in keys:
+            v = _leaf(cfg, k)
+            if k == LEAD_KEY:
+                parts.append(str(v) if v is not _MISSING else "?")
+            elif k in wanted or not terse or (v is not None and v is not _MISSING):
+                parts.append(f"{names[k]}={_short(v, terse)}")
+        return _SEP.join(parts)
+
+    labels = [label(c, terse=True) for c in configs]
+    if len(set(labels)) < len({_identity(c) for c in configs}):
+        labels = [label(c, terse=False) for c in configs]
+    return labels
+
+
+def _wanted(group_by: str) -> list[str]:
+    return [k.strip() for k in group_by.split(",") if k.strip()]
+
+
+def _leaf(cfg: dict[str, Any], key: str) -> Any:
+    """A flattened config's value at ``key``; a key above leaves gives the nested dict."""
+    if key in cfg:
+        return cfg[key]
+    below = {k[len(key) + 1:]: v for k, v in cfg.items() if k.startswith(key + ".")}
+    return below or _MISSING
+
+
+def _short(value: Any, terse: bool) -> str:
+    text = "absent" if value is _MISSING else str(value)
+    return text[:23] + "…" if terse and len(text) > 24 else text
+
+
+def build_curves(run_dirs: Sequence[Path], *, metric: str = "test_accuracy", x: str = "round",
+                 group_by: str = LEAD_KEY, include_unfinished: bool = False) -> list[Curve]:
+    """The curves of a panel: runs grouped by :func:`group_runs`, labelled by :func:`group_labels`,
+    averaged by :func:`mean_band`; finished curves first, each sorted by their labels' values."""
+    groups = group_runs(run_dirs, include_unfinished=include_unfinished)
+    configs = [flatten(run_config(g[0])) for g in groups]
+    labels = group_labels(configs, group_by)
+    curves = []
+    for runs, label in zip(groups, labels, strict=True):
+        series = [run_series(d, metric, x) for d in runs]
+        for d, s in zip(runs, series, strict=True):
+            if not len(s.rounds):
+                raise ConfigError("metric", f"{d}/metrics.csv has no value of {metric!r} yet")
+        rounds, xs, mean, std, cut_at = mean_band(series)
+        if not len(rounds):
+            raise ConfigError("metric", f"runs {', '.join(map(str, runs))} have no round in common "
+                              f"with a value of {metric!r}")
+        curves.append(Curve(label, tuple(runs), is_finished(runs[0]), rounds, xs, mean, std, cut_at))
+    keys = label_keys(configs, group_by)
+    order = sorted(range(len(curves)), key=lambda i: (not curves[i].finished, _sort_key(configs[i], keys)))
+    return [curves[i] for i in order]
+
+
+def _sort_key(cfg: dict[str, Any], keys: Sequence[str]) -> tuple[tuple[int, Any], ...]:
+    """The values at ``keys``: numbers by value, then strings, then unset (``lr=0.05`` first)."""
+    out: list[tuple[int, Any]] = []
+    for k in keys:
+        v = _leaf(cfg, k)
+        if v is None or v is _MISSING:
+            out.append((2, ""))
+        elif isinstance(v, bool) or not isinstance(v, int | float):
+            out.append((1, str(v)))
+        else:
+            out.append((0, float(v)))
+    return tuple(out)
 
 
 def plot_runs(run_dirs: Sequence[Path], *, metric: str = "test_accuracy", x: str = "round",
-              group_by: str = "strategy", title: str | None = None, ax: Any = None) -> Any:
-    """Draw the grouped mean ± std curves on ``ax`` (a new figure if None); return the axes."""
+              group_by: str = LEAD_KEY, title: str | None = None, ax: Any = None,
+              include_unfinished: bool = False) -> list[Curve]:
+    """Draw the curves of :func:`build_curves` on ``ax`` (a new figure if None): mean lines with a
+    ±1 sample-std band for n > 1, unfinished runs dashed, integer ticks on a round axis. Returns
+    the curves drawn (the numbers behind the figure)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
-    for label, runs in sorted(curves(run_dirs, metric, x, group_by).items()):
-        grid, mean, std = mean_band(runs)
-        n = len(runs)
-        line, = ax.plot(grid, mean, label=f"{label} (n={n})" if n > 1 else label, linewidth=1.8)
-        if n > 1:
-            ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    curves = build_curves(run_dirs, metric=metric, x=x, group_by=group_by,
+                          include_unfinished=include_unfinished)
+    for c in curves:
+        line, = ax.plot(c.x, c.mean, label=c.legend, linewidth=1.8, linestyle="-" if c.finished else "--",
+                        marker="o" if len(c.x) == 1 else None)
+        if c.n > 1:
+            ax.fill_between(c.x, c.mean - c.std, c.mean + c.std, color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+    if x == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.grid(True, alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
+    banded = any(c.n > 1 for c in curves)
+    ax.legend(frameon=False, fontsize=7.5, title="mean ± sample std over seeds" if banded else None,
+              title_fontsize=7.5)
     if title:
         ax.set_title(title)
-    return ax
+    return curves
 
 
 def sweep_info(path: str | Path) -> dict[str, Any] | None:
@@ -159,16 +399,14 @@ def sweep_info(path: str | Path) -> dict[str, Any] | None:
     f = Path(path) / "sweep.json"
     if not f.is_file():
         return None
-    import json
-
     return json.loads(f.read_text())
 
 
 def sweep_defaults(keys: Sequence[str], panel_by: str | None = None, group_by: str | None = None
                    ) -> tuple[str | None, str]:
-    """Panel and group keys for a sweep over grid ``keys``: panels by the first key other than
-    seed/strategy, curves by the remaining keys but seed (strategy first; ``strategy`` if none),
-    mean ± std over seeds. Given values are kept."""
+    """Panel and label keys for a sweep over grid ``keys``: panels by the first key other than
+    seed/strategy, curve labels by the remaining keys but seed (strategy first; ``strategy`` if
+    none). Given values are kept."""
     rest = [k for k in keys if k != "seed"]
     if panel_by is None:
         panel_by = next((k for k in rest if k != "strategy"), None)
@@ -180,8 +418,8 @@ def sweep_defaults(keys: Sequence[str], panel_by: str | None = None, group_by: s
 
 
 def plot_panels(run_dirs: Sequence[Path], *, panel_by: str | None, metric: str = "test_accuracy",
-                x: str = "round", group_by: str = "strategy", title: str | None = None,
-                order: Sequence[str] | None = None) -> Any:
+                x: str = "round", group_by: str = LEAD_KEY, title: str | None = None,
+                order: Sequence[str] | None = None, include_unfinished: bool = False) -> Any:
     """A figure with one panel per value of config key ``panel_by`` (one panel if None), each
     drawn by :func:`plot_runs`; panels follow ``order`` (values as strings), else sorted."""
     import matplotlib
@@ -197,11 +435,12 @@ def plot_panels(run_dirs: Sequence[Path], *, panel_by: str | None, metric: str =
     n = len(values)
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), dpi=150, sharey=True,
-                             squeeze=False)
+    size = (6.4, 4.2) if n == 1 else (5.2 * cols, 3.9 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, dpi=150, sharey=True, squeeze=False)
     for ax, value in zip(axes.flat, values, strict=False):
         sub = f"{panel_by} = {value}" if panel_by is not None else title
-        plot_runs(panels[value], metric=metric, x=x, group_by=group_by, title=sub, ax=ax)
+        plot_runs(panels[value], metric=metric, x=x, group_by=group_by, title=sub, ax=ax,
+                  include_unfinished=include_unfinished)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     if title and panel_by is not None:
@@ -219,6 +458,8 @@ def _panel_value(cfg: dict[str, Any], key: str) -> Any:
 
 def save_figure(fig: Any, out: str | Path) -> list[Path]:
     """Save ``fig`` as ``out`` (PNG) and the same stem as PDF, atomically; return the paths."""
+    import io
+
     from fedagg.io import atomic_write_bytes
 
     out = Path(out)
@@ -226,8 +467,6 @@ def save_figure(fig: Any, out: str | Path) -> list[Path]:
         raise ConfigError("out", f"figure must end in .png or .pdf, got {out.name}")
     paths = []
     for suffix in (".png", ".pdf"):
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format=suffix[1:], bbox_inches="tight")
         path = out.with_suffix(suffix)
@@ -247,17 +486,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories (or directories holding runs)")
     parser.add_argument("--metric", default="test_accuracy", help="metrics.csv column (default test_accuracy)")
     parser.add_argument("--x", default="round", help="x axis: round (default), seconds or any column")
-    parser.add_argument("--group-by", default=None, help="config key(s) naming a curve, comma-separated "
-                        "(default strategy; for sweeps the grid keys but seed and the panel key)")
+    parser.add_argument("--group-by", default=None, help="config key(s) shown in every curve label, "
+                        "comma-separated (default strategy; for sweeps the grid keys but seed and the "
+                        "panel key); runs are averaged only when their configs differ in the seed alone")
     parser.add_argument("--panel-by", default=None, help="config key: one panel per value (default none; "
                         "for sweeps the first grid key other than seed/strategy)")
+    parser.add_argument("--include-unfinished", action="store_true", help="plot runs without summary.json "
+                        "too, dashed and marked (unfinished) (default: refuse them)")
     parser.add_argument("--title", default=None)
     parser.add_argument("--out", default="convergence.png", help="output .png (a .pdf is written beside it)")
     args = parser.parse_args(argv)
     try:
         import matplotlib.pyplot as plt
 
-        runs = expand_runs(args.runs)
+        runs = expand_runs(args.runs, include_unfinished=args.include_unfinished)
         sweeps = [sweep_info(p) for p in args.runs]
         panel_by, group_by, order = args.panel_by, args.group_by, None
         if all(sweeps):
@@ -268,15 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 group_by or plot_spec.get("group_by"))
             grid = (sweeps[0] or {}).get("grid", {})
             order = [str(v) for v in grid[panel_by]] if panel_by in grid else None
-        group_by = group_by or "strategy"
-        if panel_by is None:
-            fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
-            plot_runs(runs, metric=args.metric, x=args.x, group_by=group_by, title=args.title, ax=ax)
-        else:
-            fig = plot_panels(runs, panel_by=panel_by, metric=args.metric, x=args.x, group_by=group_by,
-                              title=args.title, order=order)
-        paths = save_figure(fig, args.out)
-        plt.close(fig)
+        fig = plot_panels(runs, panel_by=panel_by, metric=args.metric, x=args.x,
+                          group_by=group_by or LEAD_KEY, title=args.title, order=order,
+                          include_unfinished=args.include_unfinished)
+        try:
+            paths = save_figure(fig, args.out)
+        finally:
+            plt.close(fig)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

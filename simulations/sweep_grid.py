@@ -65,8 +65,9 @@ class CellResources(_Strict):
 
 class PlotSpec(_Strict):
     """The summary plot: ``metric`` against ``x``; one panel per value of ``panel_by`` (default:
-    the first grid key other than seed/strategy), one curve per value of ``group_by`` (comma-separated
-    keys; default: the other grid keys but seed), mean ± std over what is left (seeds)."""
+    the first grid key other than seed/strategy), one curve per config but the seed (mean ± sample
+    std over seeds), labelled by the ``group_by`` keys (comma-separated; default: the other grid
+    keys but seed) and any other key that differs (see :mod:`simulations.plot`)."""
 
     metric: str = "test_accuracy"
     x: str = "round"

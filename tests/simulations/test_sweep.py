@@ -185,8 +185,8 @@ def test_results_csv_is_tidy_and_the_plot_has_one_panel_per_value(tmp_path):
     assert plot.main([str(runs[0]), str(runs[1]), "--out", str(tmp_path / "plain.png")]) == 0
     assert plot.main([*map(str, runs), "--panel-by", "seed", "--out", str(tmp_path / "p.png")]) == 0
     assert plot.main([str(runs[0]), "--panel-by", "nope", "--out", str(tmp_path / "x.png")]) == 2
-    # Several group keys make one label per combination.
-    assert plot.group_label({"strategy": "fedau", "lr": 0.1}, "strategy,lr") == "fedau, lr=0.1"
+    # Several group keys are all named in each label.
+    assert plot.group_labels([{"strategy": "fedau", "lr": 0.1}], "strategy,lr") == ["fedau · lr=0.1"]
 
 
 def test_a_finished_cell_with_another_config_stops_the_sweep(tmp_path, capsys):
