@@ -23,7 +23,7 @@ _NUMPY_STYPE = "numpy.ndarray"
 @functools.lru_cache(maxsize=4096)
 def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
     """The NPY v1.0 header ``np.save`` writes for a C-ordered array of ``descr`` and ``shape``."""
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     pad = (-(len(_NPY_MAGIC) + 2 + len(text) + 1)) % 64  # header aligned to 64 bytes, as np.save
     text += " " * pad + "\n"
     return _NPY_MAGIC + len(text).to_bytes(2, "little") + text.encode("latin1")

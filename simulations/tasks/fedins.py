@@ -27,7 +27,7 @@ from fedagg.errors import ConfigError
 from fedagg.ssf.pool import SSFPoolModel, fedins_loss
 from fedagg.training import LocalTrainConfig, load_numpy_state, minibatches, state_to_numpy
 from simulations.client_app import TASKS, ClientRuntime
-from strategies.arrays import to_numpy, to_record
+from strategies.arrays import to_record
 
 __all__ = ["OPTIMIZERS", "fedins_task", "train_pool"]
 

@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from fedagg.merging import diagonal_fisher
 from fedagg.training import federated_state, load_numpy_state, local_sgd, state_to_numpy
 from simulations.client_app import TASKS, ClientRuntime
-from strategies.arrays import to_numpy, to_record
+from strategies.arrays import to_record
 
 #: Defaults of the train-config keys this task reads.
 FISHER_DEFAULTS = {"fisher-estimator": "true", "fisher-max-examples": 256, "fisher-batch-size": 32}
