@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedagg.errors import ConfigError, unknown_name
 
-ENGINES = ("ray", "flower", "inline")
+ENGINES = ("auto", "ray", "flower", "inline")
 
 
 class _Strict(BaseModel):
@@ -155,7 +155,7 @@ class RunConfig(_Strict):
     num_byzantine: int = Field(0, ge=0)
     aggregator: str | None = None
     # execution
-    engine: Literal["ray", "flower", "inline"] = "ray"
+    engine: Literal["auto", "ray", "flower", "inline"] = "auto"
     ray: RayConfig = Field(default_factory=RayConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batched_clients: bool = True
@@ -297,7 +297,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.num_byzantine >= cfg.num_clients and cfg.num_byzantine > 0:
         raise ConfigError("num_byzantine", f"must be < num_clients={cfg.num_clients}")
     hangs = cfg.faults.hang_prob > 0 or bool(cfg.faults.hang)
-    if (hangs or cfg.faults.kill_worker) and cfg.engine != "ray":
+    if (hangs or cfg.faults.kill_worker) and cfg.engine not in ("ray", "auto"):
         raise ConfigError("faults", "hanging clients and killed workers need engine: ray "
                           "(the inline and flower engines cannot interrupt or survive them)")
     if hangs and cfg.round_timeout is None:

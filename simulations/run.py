@@ -35,7 +35,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--lr", "lr", "client learning rate"),
     ("--server-lr", "server_lr", "server (global) learning rate η"),
     ("--seed", "seed", "run seed (data split, participation, training, attacks)"),
-    ("--engine", "engine", "ray (default), flower (stock run_simulation) or inline (no Ray)"),
+    ("--engine", "engine", "auto (default: inline unless the run needs Ray; prints the choice), ray, flower (stock run_simulation) or inline (no Ray)"),
     ("--out", "out", "run directory (default runs/<strategy>-<timestamp>)"),
     ("--participation", "participation.process", "availability process: always, bernoulli, markov, cyclic"),
     ("--attack", "attack", "Byzantine attack applied by --num-byzantine clients"),

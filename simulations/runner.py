@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -266,10 +267,13 @@ class Simulation:
     def run(self) -> RunResult:
         """Run on the configured engine and write the results."""
         t0 = time.perf_counter()
-        from simulations.engine import run_on_engine
+        from simulations.engine import choose_engine, run_on_engine
 
+        self.engine, why = choose_engine(self.cfg)
+        if self.progress:
+            print(f"engine: {self.engine} ({why})", file=sys.stderr)
         try:
-            arrays = run_on_engine(self)
+            arrays = run_on_engine(self, self.engine)
         except ConfigError:
             self._discard_if_empty()  # the engine refused the input before round 1
             raise
@@ -283,7 +287,7 @@ class Simulation:
         last = rows[-1]
         summary = {
             "strategy": self.cfg.strategy, "dataset": self.cfg.dataset, "seed": self.cfg.seed,
-            "engine": self.cfg.engine, "rounds": self.cfg.rounds, "num_clients": self.cfg.num_clients,
+            "engine": self.engine, "rounds": self.cfg.rounds, "num_clients": self.cfg.num_clients,
             "final_test_accuracy": last["test_accuracy"], "final_test_loss": last["test_loss"],
             "best_test_accuracy": max(r["test_accuracy"] for r in rows if r["test_accuracy"] == r["test_accuracy"]),
             "wall_seconds": time.perf_counter() - t0,

@@ -1,6 +1,7 @@
 """Engines: where the ClientApp runs.
 
-- ``ray`` (default): our :class:`~simulations.engine.sim_grid.SimGrid` over a pool of Ray actors
+- ``auto`` (default): ``inline`` unless the run needs Ray (:func:`choose_engine` says which and why).
+- ``ray``: our :class:`~simulations.engine.sim_grid.SimGrid` over a pool of Ray actors
   (:class:`~simulations.engine.executors.RayExecutor`), on a local Ray instance or an existing
   cluster (``ray.address``).
 - ``inline``: the same grid, every client in this process (no Ray; for debugging and fast tests).
@@ -168,19 +169,42 @@ def _check_resources(ray: Any, opts: dict[str, Any], where: str) -> None:
                               f"{have.get(key, 0)} (resources: {sorted(have)})")
 
 
-def run_on_engine(sim: Simulation) -> ArrayRecord:
-    """Run ``sim``'s round loop on its configured engine; return the final global model."""
+def choose_engine(cfg: Any) -> tuple[str, str]:
+    """``(engine, reason)`` for a run config: its ``engine`` unless ``auto``, which picks Ray only
+    when the run needs it (a cluster address, worker pools from client profiles or ``ray.num_workers``,
+    or hung/killed-worker faults that only separate worker processes survive) and otherwise one
+    in-process worker, which skips Ray's start-up (seconds) and per-chunk transfers and trains a
+    round's clients as one batched computation anyway (docs/benchmarks.md)."""
+    if cfg.engine != "auto":
+        return cfg.engine, "set by engine / --engine"
+    if cfg.ray.address is not None:
+        return "ray", f"ray.address={cfg.ray.address} joins a Ray cluster"
+    if cfg.profiles:
+        return "ray", "client profiles place clients on Ray worker pools"
+    if cfg.ray.num_workers is not None and cfg.ray.num_workers > 1:
+        return "ray", f"ray.num_workers={cfg.ray.num_workers} asks for worker processes"
+    faults = cfg.faults
+    if faults.hang or faults.hang_prob > 0 or faults.kill_worker:
+        return "ray", "hung or killed workers need separate worker processes"
+    return "inline", ("no cluster address, profiles or worker faults: one in-process worker avoids "
+                      "Ray's start-up; --engine ray to use Ray anyway")
+
+
+def run_on_engine(sim: Simulation, engine: str | None = None) -> ArrayRecord:
+    """Run ``sim``'s round loop on ``engine`` (default: :func:`choose_engine`); return the final
+    global model."""
     cfg = sim.cfg
+    engine = engine or choose_engine(cfg)[0]
     n = cfg.num_clients
     table = sim.runtime.profiles
     work = lambda cid: expected_work(table, sim.config, cid)  # noqa: E731
-    if cfg.engine == "inline":
+    if engine == "inline":
         grid = SimGrid(n, InlineExecutor(sim.client_app(), n), work=work)
         try:
             return sim.serve(grid)
         finally:
             grid.shutdown()
-    if cfg.engine == "ray":
+    if engine == "ray":
         with ray_session(cfg.ray) as ray:
             # batched clients: one chunk per worker and round (a bigger batch is cheaper per client)
             executor = RayExecutor(sim.client_app(), n, worker_pools(ray, sim),
@@ -191,9 +215,9 @@ def run_on_engine(sim: Simulation) -> ArrayRecord:
                 return sim.serve(grid)
             finally:
                 grid.shutdown()
-    if cfg.engine == "flower":
+    if engine == "flower":
         return run_with_flower(sim)
-    raise ValueError(f"unknown engine {cfg.engine!r}")
+    raise ValueError(f"unknown engine {engine!r}")
 
 
 def partition_map(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
