@@ -7,19 +7,26 @@
   safetensors, anything else as JSON): FedAU estimator, MIFA/FedVarp memories, centered-clipping
   momentum, soups, Flower FedOpt moments, …;
 - ``state.json`` — the round, the participation process state (incl. its ``RandomState``) and the
-  metrics rows so far.
+  metrics rows so far;
+- ``sha256sums`` — the SHA-256 of the four files above (``sha256sum -c sha256sums`` checks them).
 
 All other randomness is keyed by ``(seed, purpose, round, client)`` and needs no state. A checkpoint
 directory is written under a temporary name and renamed into place, then ``checkpoints/latest``
 is updated atomically; older checkpoints beyond ``keep`` are removed. A run killed at any moment
 therefore always has a complete latest checkpoint (or none).
+
+:func:`read_latest` verifies the checksums and falls back to the newest intact checkpoint when a
+newer one (or ``latest``) is damaged, saying so in one warning line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,7 +38,13 @@ from fedagg.errors import ConfigError
 from fedagg.io import default_mode
 from simulations.results import atomic_write_text, load_arrays, save_arrays
 
-FORMAT = 1
+#: Format 2 adds ``sha256sums``; format 1 checkpoints (without it) are still read, unverified.
+FORMAT = 2
+SUMS = "sha256sums"
+FILES = ("global.safetensors", "strategy.safetensors", "strategy.json", "state.json")
+_NAME = re.compile(r"round-\d+")
+
+log = logging.getLogger("fedagg")
 
 
 @dataclasses.dataclass
@@ -95,6 +108,7 @@ def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = 2) -> Pa
         state = {"format": FORMAT, "round": ckpt.round, "process": to_jsonable(ckpt.process_state),
                  "rows": to_jsonable(ckpt.rows)}
         atomic_write_text(tmp / "state.json", json.dumps(state))
+        atomic_write_text(tmp / SUMS, "".join(f"{_sha256(tmp / f)}  {f}\n" for f in FILES))
         final = root / name
         if final.exists():
             shutil.rmtree(final)
@@ -108,16 +122,39 @@ def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint, keep: int = 2) -> Pa
     return final
 
 
-def read_latest(run_dir: str | Path) -> Checkpoint:
-    """The newest complete checkpoint of ``run_dir`` (ConfigError if there is none)."""
-    root = checkpoint_root(run_dir)
-    latest = root / "latest"
-    if not latest.is_file():
-        raise ConfigError("resume", f"{run_dir} has no checkpoint (was --checkpoint-every set?)")
-    path = root / latest.read_text().strip()
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verify(path: Path) -> None:
+    """Check the files of checkpoint directory ``path`` against its ``sha256sums`` (ValueError
+    naming the first bad file). A format-1 checkpoint has no sums and passes."""
+    sums = path / SUMS
+    if not sums.is_file():
+        if json.loads((path / "state.json").read_text()).get("format") == 1:
+            return
+        raise ValueError(f"{SUMS} is missing")
+    listed: dict[str, str] = {}
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    for name in FILES:
+        if name not in listed:
+            raise ValueError(f"{SUMS} does not list {name}")
+        if not (path / name).is_file():
+            raise ValueError(f"{name} is missing")
+        if _sha256(path / name) != listed[name]:
+            raise ValueError(f"{name} does not match its checksum")
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint in directory ``path`` (``round-NNNNNN``), verified; ValueError if damaged."""
+    verify(path)
     state = json.loads((path / "state.json").read_text())
-    if state.get("format") != FORMAT:
-        raise ConfigError("resume", f"checkpoint format {state.get('format')} is not supported")
+    if state.get("format") not in (1, FORMAT):
+        raise ValueError(f"checkpoint format {state.get('format')} is not supported")
+    if state.get("round") != int(path.name.split("-")[1]):
+        raise ValueError(f"state.json says round {state.get('round')}")
     strategy_state: dict[str, Any] = dict(load_arrays(path / "strategy.safetensors"))
     strategy_state.update(from_jsonable(json.loads((path / "strategy.json").read_text())))
     return Checkpoint(
@@ -127,3 +164,36 @@ def read_latest(run_dir: str | Path) -> Checkpoint:
         process_state=from_jsonable(state["process"]),
         rows=from_jsonable(state["rows"]),
     )
+
+
+def read_latest(run_dir: str | Path) -> Checkpoint:
+    """The newest intact checkpoint of ``run_dir``.
+
+    Damaged newer checkpoints and a ``latest`` that does not name the one used are reported in one
+    warning line; ConfigError (``resume``) when there is no checkpoint or none is intact.
+    """
+    root = checkpoint_root(run_dir)
+    found = [p for p in root.glob("round-*") if _NAME.fullmatch(p.name) and p.is_dir()]
+    if not found:
+        raise ConfigError("resume", f"{run_dir} has no checkpoint (was --checkpoint-every set?)")
+    damaged: list[str] = []
+    for path in sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        try:
+            ckpt = read_checkpoint(path)
+        except Exception as exc:  # any unreadable part makes the checkpoint unusable
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            damaged.append(f"{path.name} ({why})")
+            continue
+        problems = [f"damaged checkpoint {d}" for d in damaged]
+        try:
+            pointer: str | None = (root / "latest").read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            pointer = None
+        if pointer != path.name and not any(d.startswith(f"{pointer} (") for d in damaged):
+            problems.append("checkpoints/latest is missing or unreadable" if pointer is None
+                            else f"checkpoints/latest names {pointer[:40]!r}")
+        if problems:
+            log.warning("%s; resuming from %s", "; ".join(problems), path.name)
+        return ckpt
+    raise ConfigError("resume", f"no intact checkpoint in {root} ({'; '.join(damaged)}); "
+                      "start the run again with --out and --overwrite")

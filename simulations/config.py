@@ -354,3 +354,16 @@ def strategy_params(cfg: RunConfig) -> dict[str, Any]:
 def dump_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (every key, defaults included)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_changes(want: Any, have: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, have, want)`` for every leaf where two config dumps differ, keys sorted.
+
+    Nested mappings are compared key by key; any other values (lists included) as a whole.
+    """
+    if not (isinstance(want, Mapping) and isinstance(have, Mapping)):
+        return [] if want == have else [(prefix, have, want)]
+    out: list[tuple[str, Any, Any]] = []
+    for k in sorted(set(want) | set(have)):
+        out += config_changes(want.get(k), have.get(k), f"{prefix}.{k}" if prefix else str(k))
+    return out

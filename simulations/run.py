@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (keys as in docs/quickstart.md)")
     for flag, key, help_text in FLAGS:
         parser.add_argument(flag, dest=key.replace(".", "__"), metavar=key.split(".")[-1].upper(), help=help_text)
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint "
-                        "(its config.yaml is used; flags and overrides are not allowed)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR from its "
+                        "newest intact checkpoint (its config.yaml is used; flags and overrides are not allowed)")
+    parser.add_argument("--overwrite", action="store_true", help="clear the run directory --out (checkpoints "
+                        "included) before running; other non-empty folders are never cleared")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -114,6 +115,15 @@ def resume_config(args: argparse.Namespace) -> Any:
     return load_config(run_dir / "config.yaml", {"out": str(run_dir)})
 
 
+def check_config_outside(args: argparse.Namespace, run_dir: Any) -> None:
+    """Refuse ``--overwrite`` when the ``--config`` file lies in the directory it would clear."""
+    from pathlib import Path
+
+    if args.overwrite and args.config and Path(run_dir).resolve() in Path(args.config).resolve().parents:
+        raise ConfigError("overwrite", f"--config {args.config} lies in {run_dir}, which --overwrite "
+                          "would clear; move the config or choose another --out")
+
+
 def quiet_logs() -> None:
     """Flower logs every message at INFO; keep the console for the progress bar."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -132,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = resume_config(args)
         else:
             cfg = load_config(args.config, collect_overrides(args))
+            check_config_outside(args, cfg.run_dir())
         sim = Simulation(cfg, overwrite=args.overwrite, progress=not args.no_progress,
                          resume=bool(args.resume))
     except ConfigError as exc:

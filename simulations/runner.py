@@ -34,7 +34,7 @@ from fedagg.training import evaluate, load_numpy_state, state_to_numpy
 from simulations.byzantine import build_corruption
 from simulations.checkpoint import Checkpoint, read_latest, write_checkpoint
 from simulations.client_app import ClientRuntime, make_client_app
-from simulations.config import RunConfig, dump_yaml, strategy_params
+from simulations.config import RunConfig, config_changes, dump_yaml, load_config, strategy_params
 from simulations.environment import EnvironmentGrid
 from simulations.results import RunWriter, save_arrays
 from simulations.simtime import SimClock
@@ -64,7 +64,9 @@ class RunError(RuntimeError):
 class Simulation:
     """The server side of one run (see module docstring).
 
-    ``resume=True`` continues the run in ``cfg.out`` from its latest checkpoint.
+    ``resume=True`` continues the run in ``cfg.out`` from its newest intact checkpoint; ``cfg`` must
+    equal the run's ``config.yaml`` but for ``rounds``. ``overwrite=True`` clears the run directory
+    first. The directory is locked from the end of ``__init__`` until :meth:`run` returns.
     """
 
     def __init__(self, cfg: RunConfig, *, overwrite: bool = False, progress: bool = False,
@@ -75,9 +77,9 @@ class Simulation:
         self.on_round = on_round
         self.run_dir = cfg.run_dir()
         self.config["out"] = str(self.run_dir)
-        self.checkpoint: Checkpoint | None = read_latest(self.run_dir) if resume else None
-        if not resume:
-            RunWriter.check(self.run_dir, overwrite=overwrite)
+        RunWriter.check(self.run_dir, overwrite=overwrite, resume=resume)
+        self._stored_rounds = cfg.rounds  # of config.yaml; a resume may change rounds
+        self.checkpoint: Checkpoint | None = self._resume_point() if resume else None
         stream = np.random.RandomState(cfg.seed % 2**32)
         self.data: FederatedData = load_federated(
             cfg.dataset, cfg.num_clients, cfg.seed, partition=cfg.partition,
@@ -94,10 +96,31 @@ class Simulation:
         self.test_y = torch.as_tensor(self.data.test.y, device=self.runtime.device)
         # Everything above validated the input; only now does anything touch the disk.
         self.writer = RunWriter(self.run_dir, overwrite=overwrite, resume=resume)
-        if self.checkpoint is None:
-            self.writer.write_config(dump_yaml(RunConfig.model_validate(self.config)))
-        else:
-            self._restore(self.checkpoint)
+        try:
+            if self.checkpoint is None or self._stored_rounds != cfg.rounds:  # (re)write it
+                self.writer.write_config(dump_yaml(RunConfig.model_validate(self.config)))
+            if self.checkpoint is not None:
+                self._restore(self.checkpoint)
+        except BaseException:
+            self.writer.close()
+            raise
+
+    def _resume_point(self) -> Checkpoint:
+        """The checkpoint to continue from; refuses a config that differs from the run's
+        ``config.yaml`` in anything but ``rounds``, and ``rounds`` below the checkpoint's round."""
+        stored = load_config(self.run_dir / "config.yaml", {"out": str(self.run_dir)})
+        changed = [k for k, _, _ in config_changes(self.config, stored.model_dump(mode="json"))
+                   if k not in ("out", "rounds")]
+        if changed:
+            raise ConfigError("resume", f"the config differs from {self.run_dir / 'config.yaml'} "
+                              f"in {', '.join(changed)}; resume with the run's own config "
+                              "(only rounds may change)")
+        self._stored_rounds = stored.rounds
+        ckpt = read_latest(self.run_dir)
+        if self.cfg.rounds < ckpt.round:
+            raise ConfigError("resume", f"rounds={self.cfg.rounds} is below the checkpoint's round "
+                              f"{ckpt.round}; pass rounds >= {ckpt.round}")
+        return ckpt
 
     def _restore(self, ckpt: Checkpoint) -> None:
         """Put strategy, participation process and metrics back to the checkpoint's state."""
@@ -265,7 +288,13 @@ class Simulation:
 
     # ------------------------------------------------------------------ engines
     def run(self) -> RunResult:
-        """Run on the configured engine and write the results."""
+        """Run on the configured engine and write the results; release the directory's lock."""
+        try:
+            return self._run()
+        finally:
+            self.writer.close()
+
+    def _run(self) -> RunResult:
         t0 = time.perf_counter()
         from simulations.engine import choose_engine, run_on_engine
 
@@ -299,6 +328,7 @@ class Simulation:
     def _discard_if_empty(self) -> None:
         if not self.writer.rows:
             (self.run_dir / "config.yaml").unlink(missing_ok=True)
+            self.writer.close()
             try:
                 self.run_dir.rmdir()
             except OSError:

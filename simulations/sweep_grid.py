@@ -36,7 +36,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedagg.errors import ConfigError
-from simulations.config import RunConfig, _pydantic_error, build_config, read_yaml, set_dotted
+from simulations.config import (
+    RunConfig,
+    _pydantic_error,
+    build_config,
+    config_changes,
+    read_yaml,
+    set_dotted,
+)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 _MAX_NAME = 150
@@ -236,16 +243,8 @@ def config_difference(expected: RunConfig, found: Mapping[str, Any]) -> str | No
         have = RunConfig.model_validate(dict(found)).model_dump(mode="json")
     except ValidationError:
         return "config.yaml (not a valid run config)"
-
-    def walk(a: Any, b: Any, prefix: str) -> str | None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if prefix == "" and k == "out":
-                    continue
-                d = walk(a.get(k), b.get(k), f"{prefix}{k}.")
-                if d is not None:
-                    return d
-            return None
-        return None if a == b else f"{prefix[:-1]}: {b!r} → {a!r}"
-
-    return walk(want, have, "")
+    changes = [c for c in config_changes(want, have) if c[0] != "out"]
+    if not changes:
+        return None
+    key, old, new = changes[0]
+    return f"{key}: {old!r} → {new!r}"
