@@ -15,12 +15,13 @@ def default_mode(base: int = 0o666) -> int:
     return base & ~mask
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder + rename.
 
     Readers never see a partial file, an interrupted write leaves nothing behind, and the file gets
     the permissions a plain ``open(path, "w")`` would give (``0o666`` minus the umask), not
-    ``mkstemp``'s private ``0o600``.
+    ``mkstemp``'s private ``0o600``. ``durable`` also fsyncs before the rename (survives a power
+    loss); files rewritten often while a run goes on (metrics) skip it: the rename alone is atomic.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,15 @@ from safetensors.numpy import save as st_save
 from fedagg.errors import ConfigError
 from fedagg.io import atomic_write_bytes, default_mode
 
+#: Longest a logged metrics row waits before ``metrics.csv`` is rewritten (seconds).
+METRICS_WRITE_SECONDS = 1.0
+
 #: Leading columns of metrics.csv, in this order; strategy-specific columns follow.
 BASE_COLUMNS = ("round", "phase", "clients", "train_loss", "test_loss", "test_accuracy", "seconds")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), durable=durable)
 
 
 def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
@@ -239,6 +243,8 @@ class RunWriter:
                 self.dir.rmdir()
             raise
         self.rows: list[dict[str, Any]] = []
+        self._written = 0  # rows in metrics.csv on disk
+        self._last_write = 0.0
 
     @staticmethod
     def check(run_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
@@ -281,16 +287,31 @@ class RunWriter:
         raise ConfigError("out", f"{path} {what}, or choose another --out")
 
     def close(self) -> None:
-        """Release the directory's lock (idempotent)."""
-        self.lock.release()
+        """Write pending metrics rows, then release the directory's lock (idempotent)."""
+        try:
+            if self.dir.is_dir():
+                self.flush()
+        finally:
+            self.lock.release()
 
     def write_config(self, yaml_text: str) -> None:
         atomic_write_text(self.dir / "config.yaml", yaml_text)
 
     def log_round(self, row: Mapping[str, Any]) -> None:
-        """Append a row and rewrite ``metrics.csv`` atomically."""
+        """Append a row; ``metrics.csv`` is rewritten (atomically) at most every
+        :data:`METRICS_WRITE_SECONDS` while a run goes on, and by :meth:`flush`, which checkpoints,
+        the end of the run and an interrupted run call: rewriting it every round costs O(rounds²)."""
         self.rows.append(dict(row))
-        atomic_write_text(self.dir / "metrics.csv", metrics_to_csv(self.rows))
+        if time.monotonic() - self._last_write >= METRICS_WRITE_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Rewrite ``metrics.csv`` with every row logged so far (no-op when it is up to date)."""
+        if self._written == len(self.rows) and (self.dir / "metrics.csv").exists():
+            return
+        atomic_write_text(self.dir / "metrics.csv", metrics_to_csv(self.rows), durable=False)
+        self._written = len(self.rows)
+        self._last_write = time.monotonic()
 
     def write_model(self, arrays: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
         path = self.dir / "model.safetensors"

@@ -249,6 +249,7 @@ class Simulation:
                     self.save_checkpoint(rnd, arrays)
         finally:
             bar.close()
+            self.writer.flush()  # the completed rounds' metrics, also after an interruption
         return arrays
 
     def _check_replies(self, rnd: int, row: dict[str, Any]) -> None:
@@ -267,6 +268,7 @@ class Simulation:
         state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}
         proc = self.participation.state_dict() if self.participation is not None else None
         ckpt = Checkpoint(rnd, to_numpy(arrays), dict(state), proc, list(self.writer.rows))
+        self.writer.flush()
         write_checkpoint(self.run_dir, ckpt, keep=self.cfg.keep_checkpoints)
 
     def _federated_evaluate(self, rnd: int, arrays: ArrayRecord, env: EnvironmentGrid) -> dict[str, float]:
