@@ -233,3 +233,31 @@ def _check_pool(model: SSFPoolModel, option: str, optimizer: str, lam: float) ->
         assert _same_loss(stats["train_loss"], out.losses[i])
         if len(y) and cfg.steps:
             assert 1 <= out.metrics[i]["slots_used"] <= 5
+
+
+def test_a_stacked_forward_from_layers_is_used(monkeypatch):
+    """``fedagg.batched.layers.stacked_forward`` (hand-batched layers) replaces vmap when it knows
+    the model; it gets the trainable names and ``(k, B, ...)`` inputs."""
+    import fedagg.batched.core as core
+
+    seen: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
+    model = _model("mlp")
+
+    def fake(m, trainable):
+        generic = core._generic_forward(m)
+
+        def forward(params, x):
+            seen.append((tuple(params), tuple(x.shape)))
+            return generic(params, x)
+
+        return forward
+
+    monkeypatch.setattr(core, "stacked_forward", fake)
+    data, cfgs = _data(), _configs("plain")
+    out = batched_local_sgd(model, _jobs(data, cfgs))
+    names = tuple(n for n, _ in model.named_parameters())
+    assert seen[0] == (names, (3, 16, 40))  # 3 clients train; widest batch 16
+    assert [s[1][0] for s in seen] == [3, 3, 3, 2, 1, 1]  # clients drop out after their last step
+    ref = copy.deepcopy(model)
+    local_sgd(ref, *data[0], cfgs[0], torch.Generator().manual_seed(100))
+    _assert_state_close(state_to_numpy(ref), out.client(0))
