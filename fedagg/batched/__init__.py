@@ -1,46 +1,34 @@
-"""TEMPORARY stub (replaced by the real batched implementation at merge): same API, per-client loop."""
+"""Batched local training: many clients that start from the same weights, trained in one computation.
 
-from __future__ import annotations
+:func:`batched_local_sgd` gives every client exactly what :func:`fedagg.training.local_sgd` would
+(SGD with momentum and weight decay, FedProx, per-client clipping, the same minibatches from each
+client's own generator), to float32 rounding; :func:`fedagg.ssf.training.batched_train_pool` does the
+same for FedIns pools. :func:`can_batch` says when a model must take the per-client path instead.
+See :mod:`fedagg.batched.core` for the update rule.
 
-import copy
-import dataclasses
-from collections.abc import Sequence
+Example
+-------
+>>> import torch
+>>> from fedagg.models import build_model
+>>> from fedagg.training import LocalTrainConfig
+>>> model = build_model("mlp", (8,), 3, seed=0, params={"hidden": [16]})
+>>> g = torch.Generator().manual_seed(0)
+>>> jobs = [ClientJob(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g),
+...                   LocalTrainConfig(steps=2, batch_size=4), torch.Generator().manual_seed(i))
+...         for i, n in enumerate([10, 3, 0])]
+>>> out = batched_local_sgd(model, jobs)
+>>> out.states["head.weight"].shape  # (clients, *shape)
+torch.Size([3, 3, 16])
+>>> out.losses[2] != out.losses[2]  # no data: nan, weights untouched
+True
+"""
 
-import numpy as np
-import torch
-from torch import nn
+from fedagg.batched.core import (
+    BatchedResult,
+    ClientJob,
+    PerSampleLoss,
+    batched_local_sgd,
+    can_batch,
+)
 
-from fedagg.training import LocalTrainConfig, federated_state, local_sgd
-
-
-@dataclasses.dataclass
-class ClientJob:
-    x: torch.Tensor
-    y: torch.Tensor
-    cfg: LocalTrainConfig
-    generator: torch.Generator
-
-
-@dataclasses.dataclass
-class BatchedResult:
-    states: dict[str, torch.Tensor]
-    losses: list[float]
-    metrics: list[dict[str, float]]
-
-    def client(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i].detach().cpu().numpy().copy() for k, v in self.states.items()}
-
-
-def can_batch(model: nn.Module) -> str | None:
-    return None
-
-
-def batched_local_sgd(model: nn.Module, jobs: Sequence[ClientJob], *, loss_fn=None) -> BatchedResult:
-    outs, losses = [], []
-    for job in jobs:
-        m = copy.deepcopy(model)
-        losses.append(local_sgd(m, job.x, job.y, job.cfg, job.generator))
-        outs.append({k: v.detach().clone() for k, v in federated_state(m).items()})
-    names = list(federated_state(model))
-    states = {k: torch.stack([o[k] for o in outs]) for k in names}
-    return BatchedResult(states, losses, [{} for _ in jobs])
+__all__ = ["BatchedResult", "ClientJob", "PerSampleLoss", "batched_local_sgd", "can_batch"]

@@ -470,10 +470,19 @@ class SSFPoolModel(nn.Module):
 
         ``selection`` overrides :attr:`selection` for this call.
         """
+        return self.forward_from_query(x, self.query(x), selection)
+
+    def forward_from_query(
+        self, x: torch.Tensor, query: torch.Tensor, selection: SelectionMode | None = None
+    ) -> tuple[torch.Tensor, Match]:
+        """:meth:`forward_with_match` given the query features ``q(x)`` ``(B, D)`` (see :meth:`query`).
+
+        Lets a caller compute the frozen query pass once for many parameter sets (batched training).
+        """
         mode = selection or self.selection
         if mode not in SELECTION_MODES:
             raise unknown_name("selection", mode, SELECTION_MODES)
-        m = self.match(x)
+        m = match_keys(query, self.keys, self.top_k)
         with self._adapted(m.idx, mode):
             features = self.feature_fn(self.net, x)
         return pool_head(features, self.head_weight, self.head_bias, m.idx, mode), m

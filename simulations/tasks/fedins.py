@@ -12,78 +12,24 @@ on the pool tensors only, and replies with the pool (``arrays``) and ``metrics``
 instance at a time; here a step is one minibatch with per-instance slot selection (the batch loss
 is the mean of the per-instance losses), with SGD (``momentum``/``weight-decay`` from the run
 config) or Adam. Batches come from :func:`fedagg.training.minibatches` with the generator
-``(seed, "local-train", round, client)``.
+``(seed, "local-train", round, client)``. The training loop is
+:func:`fedagg.ssf.training.train_pool`.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedagg.errors import ConfigError
-from fedagg.ssf.pool import SSFPoolModel, fedins_loss
-from fedagg.training import LocalTrainConfig, load_numpy_state, minibatches, state_to_numpy
+from fedagg.ssf.pool import SSFPoolModel
+from fedagg.ssf.training import OPTIMIZERS, train_pool
+from fedagg.training import load_numpy_state, state_to_numpy
 from simulations.client_app import TASKS, ClientRuntime
 from strategies.arrays import to_record
 
 __all__ = ["OPTIMIZERS", "fedins_task", "train_pool"]
-
-OPTIMIZERS = ("sgd", "adam")
-
-
-def train_pool(
-    model: SSFPoolModel, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainConfig,
-    generator: torch.Generator, *, lam: float = 0.1, optimizer: str = "sgd",
-) -> dict[str, float]:
-    """Train ``model``'s pool tensors in place on ``(x, y)``; the backbone is not touched.
-
-    ``cfg.steps`` steps on minibatches of ``cfg.batch_size`` (see :class:`LocalTrainConfig`), loss
-    :func:`~fedagg.ssf.pool.fedins_loss` with weight ``lam``; ``optimizer`` ``sgd`` (lr, momentum,
-    weight decay from ``cfg``) or ``adam`` (lr, weight decay). ``cfg.max_grad_norm`` clips.
-
-    Returns
-    -------
-    dict
-        Means over the steps: ``train_loss`` (the surrogate loss), ``train_ce`` (cross-entropy),
-        ``train_cos`` (mean cosine of a sample to its k selected keys, in [-1, 1]) and
-        ``slots_used`` (distinct slots selected at least once). NaN for a client without data.
-    """
-    nan = float("nan")
-    if len(y) == 0 or cfg.steps == 0:
-        return {"train_loss": nan, "train_ce": nan, "train_cos": nan, "slots_used": nan}
-    params = model.pool_parameters()
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise ConfigError("strategy_args.optimizer",
-                          f"unknown value {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-    model.train()
-    totals = {"train_loss": 0.0, "train_ce": 0.0, "train_cos": 0.0}
-    used = torch.zeros(model.keys.shape[0], dtype=torch.bool)
-    steps = 0
-    for idx in minibatches(len(y), cfg.batch_size, cfg.steps, generator):
-        opt.zero_grad(set_to_none=True)
-        logits, match = model.forward_with_match(x[idx])
-        loss = fedins_loss(logits, y[idx], match.reduced_sim, lam)
-        loss.backward()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        with torch.no_grad():
-            totals["train_loss"] += float(loss)
-            totals["train_ce"] += float(F.cross_entropy(logits, y[idx]))
-            totals["train_cos"] += float(match.reduced_sim) / model.top_k
-            used[match.idx.reshape(-1).cpu()] = True
-        steps += 1
-    out = {k: v / steps for k, v in totals.items()}
-    out["slots_used"] = float(used.sum())
-    return out
 
 
 @TASKS.register("fedins", doc="FedIns: train only the SSF pool with the surrogate loss; reply "
