@@ -14,6 +14,7 @@ All local randomness comes from a generator keyed by ``(seed, "local-train", rou
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -24,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedagg.batched import ClientJob, batched_local_sgd, can_batch
+from fedagg.batched import BatchedResult, ClientJob, batched_local_sgd, can_batch
 from fedagg.data import FederatedData, load_federated
 from fedagg.models import build_model
 from fedagg.registry import Registry
@@ -41,8 +42,10 @@ PARTITION_ID_KEY = "partition-id"
 #: Clients whose data tensors a process keeps (least recently used ones are dropped).
 TENSOR_CACHE = 256
 
-#: Tasks a worker can serve for many clients with one batched computation (``ClientRuntime.train_batch``).
-BATCHED_TASKS = ("train",)
+#: Batched versions of client tasks: ``fn(runtime, model, config, jobs) -> BatchedResult`` trains
+#: ``jobs`` from ``model``'s current weights in one computation (``ClientRuntime.train_batch``).
+BatchedTask = Callable[["ClientRuntime", torch.nn.Module, ConfigRecord, list[ClientJob]], BatchedResult]
+BATCHED_TASKS: dict[str, BatchedTask] = {}
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -183,28 +186,34 @@ class ClientRuntime:
             return "batched_clients is off"
         config = content.config_records.get("config", ConfigRecord())
         task = str(config.get("task", "train"))
+        _register_family_tasks()
         if task not in BATCHED_TASKS:
-            return f"task {task!r} has no batched path (batched: {', '.join(BATCHED_TASKS)})"
+            return f"task {task!r} has no batched path (batched: {', '.join(sorted(BATCHED_TASKS))})"
         model = self.model()
         if id(model) not in self._batch_reasons:
             self._batch_reasons[id(model)] = can_batch(model)
         return self._batch_reasons[id(model)]
 
-    def batch_chunk(self, model: torch.nn.Module, jobs: list[ClientJob]) -> int:
-        """Clients per batched call: what fits in ``batch_memory_mb`` (parameters, gradients,
-        momentum and the FedProx anchor per client, plus the stacked minibatches), at least one."""
+    def batch_limit(self) -> int:
+        """Most clients per batched call: what fits in ``batch_memory_mb`` (per client: parameters,
+        gradients, momentum, FedProx anchor and a working copy of the trainable tensors, plus
+        activations of a minibatch), at least one. Engines cut a round's train messages into
+        chunks of at most this many, by client id, the same way on every engine."""
+        model = self.model()
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        batch = max(j.cfg.batch_size for j in jobs)
-        sample = max(int(jobs[0].x[0].numel()) if len(jobs[0].x) else 1, 1)
-        per_client = 4 * (5 * params + 8 * batch * sample)
+        width = sum(p.shape[0] for p in model.parameters() if p.requires_grad and p.dim() > 1)
+        batch = int(self.config.get("batch_size", 32))
+        sample = int(math.prod(self.data.input_shape))
+        per_client = 4 * (5 * params + 4 * batch * (sample + width))
         budget = float(self.config.get("batch_memory_mb", 512.0)) * 2**20
         return max(1, int(budget // per_client))
 
     def train_batch(self, messages: list[Message], client_ids: list[int]) -> list[Message | Exception]:
-        """Serve train messages that share one broadcast content with batched local SGD
-        (:func:`fedagg.batched.batched_local_sgd`): one reply per message, in order; a client
-        whose injected fault fires gets its exception instead (the engine turns it into an error
-        reply). Results equal the per-client path (``train_task``) to float32 precision."""
+        """Serve train messages that share one broadcast content with one batched computation
+        (the task's entry in :data:`BATCHED_TASKS`, e.g. :func:`fedagg.batched.batched_local_sgd`):
+        one reply per message, in order; a client whose injected fault fires, or every client when
+        the batched call raises, gets the exception instead (the engine turns it into an error
+        reply). Results equal the per-client path to float32 rounding."""
         content = messages[0].content
         config = content.config_records.get("config", ConfigRecord())
         server_round = int(config.get("server-round", 0))
@@ -221,19 +230,22 @@ class ClientRuntime:
             jobs.append(ClientJob(t.x, t.y, self.train_config(config, cid),
                                   self.generator("local-train", server_round, cid)))
             where.append(i)
-        if jobs:
-            model = self.model()
-            load_numpy_state(model, self.broadcast_state(content))
-            chunk = self.batch_chunk(model, jobs)
-            for start in range(0, len(jobs), chunk):
-                part = jobs[start : start + chunk]
-                result = batched_local_sgd(model, part)
-                for j, job in enumerate(part):
-                    i = where[start + j]
-                    metrics = {"num-examples": int(len(job.y)), "train_loss": float(result.losses[j]),
-                               "client-id": client_ids[i], **result.metrics[j]}
-                    reply = RecordDict({"arrays": to_record(result.client(j)), "metrics": MetricRecord(metrics)})
-                    out[i] = Message(reply, reply_to=messages[i])
+        if not jobs:
+            return out  # type: ignore[return-value]
+        model = self.model()
+        load_numpy_state(model, self.broadcast_state(content))
+        try:
+            result = BATCHED_TASKS[str(config.get("task", "train"))](self, model, config, jobs)
+        except Exception as exc:  # noqa: BLE001 - as if each client had raised it
+            for i in where:
+                out[i] = exc
+            return out  # type: ignore[return-value]
+        for j, job in enumerate(jobs):
+            i = where[j]
+            metrics = {"num-examples": int(len(job.y)), "train_loss": float(result.losses[j]),
+                       "client-id": client_ids[i], **result.metrics[j]}
+            reply = RecordDict({"arrays": to_record(result.client(j)), "metrics": MetricRecord(metrics)})
+            out[i] = Message(reply, reply_to=messages[i])
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ handlers
@@ -308,6 +320,15 @@ def train_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Contex
     loss = local_sgd(model, t.x, t.y, rt.train_config(config, cid), rt.generator("local-train", server_round, cid))
     metrics = {"num-examples": int(len(t.y)), "train_loss": float(loss), "client-id": cid}
     return RecordDict({"arrays": to_record(state_to_numpy(model)), "metrics": MetricRecord(metrics)})
+
+
+def _batched_train(rt: ClientRuntime, model: torch.nn.Module, config: ConfigRecord,
+                   jobs: list[ClientJob]) -> BatchedResult:
+    del rt, config
+    return batched_local_sgd(model, jobs)
+
+
+BATCHED_TASKS["train"] = _batched_train
 
 
 def _register_family_tasks() -> None:

@@ -198,18 +198,17 @@ def run_on_engine(sim: Simulation, engine: str | None = None) -> ArrayRecord:
     n = cfg.num_clients
     table = sim.runtime.profiles
     work = lambda cid: expected_work(table, sim.config, cid)  # noqa: E731
+    limit = sim.runtime.batch_limit() if cfg.batched_clients else None
     if engine == "inline":
-        grid = SimGrid(n, InlineExecutor(sim.client_app(), n), work=work)
+        grid = SimGrid(n, InlineExecutor(sim.client_app(), n, batch_limit=limit), work=work)
         try:
             return sim.serve(grid)
         finally:
             grid.shutdown()
     if engine == "ray":
         with ray_session(cfg.ray) as ray:
-            # batched clients: one chunk per worker and round (a bigger batch is cheaper per client)
             executor = RayExecutor(sim.client_app(), n, worker_pools(ray, sim),
-                                   pool_of=table.index if cfg.profiles else None,
-                                   chunks_per_worker=1 if cfg.batched_clients else 2)
+                                   pool_of=table.index if cfg.profiles else None, batch_limit=limit)
             grid = SimGrid(n, executor, work=work)
             try:
                 return sim.serve(grid)

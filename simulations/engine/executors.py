@@ -118,6 +118,33 @@ def run_clients(app: ClientApp, messages: list[Message], client_ids: list[int], 
     return out  # type: ignore[return-value]
 
 
+def plan_chunks(jobs: list[Job], batch_limit: int | None,
+                pool_of: Callable[[int], int] | None = None) -> list[list[Job]]:
+    """Cut jobs into the calls a worker serves: with ``batch_limit``, train jobs that share a
+    broadcast (and a worker pool) are sorted by client id and cut into ``ceil(n / batch_limit)``
+    near-equal chunks, each one batched computation; every other job is a chunk of its own.
+    The cut depends only on the jobs, never on the engine or its worker count, so a client's
+    batch (and its floating-point result) is the same on every engine."""
+    pool_of = pool_of or (lambda cid: 0)
+    groups: dict[tuple[int, int], list[Job]] = {}
+    chunks: list[list[Job]] = []
+    for job in jobs:
+        if batch_limit is not None and job.message.metadata.message_type == MessageType.TRAIN:
+            groups.setdefault((pool_of(job.client_id), id(job.message.content)), []).append(job)
+        else:
+            chunks.append([job])
+    for members in groups.values():
+        members.sort(key=lambda j: j.client_id)
+        k = -(-len(members) // batch_limit)  # type: ignore[operator]
+        size, extra = divmod(len(members), k)
+        start = 0
+        for i in range(k):
+            end = start + size + (1 if i < extra else 0)
+            chunks.append(members[start:end])
+            start = end
+    return chunks
+
+
 class Executor(Protocol):
     """Runs jobs; ``wait`` returns the results finished so far (blocking up to ``timeout``)."""
 
@@ -133,16 +160,20 @@ class Executor(Protocol):
 
 
 class InlineExecutor:
-    """Runs every job in this process, longest expected work first (debuggable, no Ray)."""
+    """Runs every job in this process: the train jobs of a broadcast as batched chunks
+    (:func:`plan_chunks`, ``batch_limit`` None: one job at a time), longest expected work first."""
 
-    def __init__(self, app: ClientApp, num_clients: int, threads: int = 1) -> None:
+    def __init__(self, app: ClientApp, num_clients: int, threads: int = 1,
+                 batch_limit: int | None = None) -> None:
         self.app = app
         self.num_clients = num_clients
         self.threads = threads
-        self._queue: deque[Job] = deque()
+        self.batch_limit = batch_limit
+        self._queue: deque[list[Job]] = deque()
 
     def submit(self, jobs: list[Job]) -> None:
-        self._queue.extend(sorted(jobs, key=lambda j: -j.work))
+        chunks = plan_chunks(jobs, self.batch_limit)
+        self._queue.extend(sorted(chunks, key=lambda c: -sum(j.work for j in c)))
 
     def _run(self, jobs: list[Job]) -> list[JobResult]:
         import torch
@@ -158,26 +189,18 @@ class InlineExecutor:
                 for j, (reply, state, secs) in zip(jobs, results, strict=True)]
 
     def wait(self, timeout: float | None) -> list[JobResult]:
-        """Run queued jobs: all train jobs sharing a broadcast in one batched call, the others one by
-        one, until the queue is empty or ``timeout`` has passed (checked between calls)."""
+        """Run queued chunks until none is left or ``timeout`` has passed (checked between chunks)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         out: list[JobResult] = []
         while self._queue and (deadline is None or time.monotonic() < deadline):
-            head = self._queue.popleft()
-            batch = [head]
-            if head.message.metadata.message_type == MessageType.TRAIN:
-                rest: deque[Job] = deque()
-                for job in self._queue:
-                    (batch if job.message.content is head.message.content else rest).append(job)
-                self._queue = rest
-            out.extend(self._run(batch))
+            out.extend(self._run(self._queue.popleft()))
         return out
 
     def poll(self) -> list[JobResult]:
         return self.wait(None)
 
     def abandon(self) -> list[Job]:
-        jobs = list(self._queue)
+        jobs = [job for chunk in self._queue for job in chunk]
         self._queue.clear()
         return jobs
 
@@ -242,7 +265,7 @@ class RayExecutor:
 
     def __init__(self, app: ClientApp, num_clients: int, pools: list[WorkerPool], *,
                  pool_of: Callable[[int], int] | None = None, depth: int = 2,
-                 chunks_per_worker: int = 2) -> None:
+                 chunks_per_worker: int = 2, batch_limit: int | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -250,6 +273,7 @@ class RayExecutor:
         self.num_clients = num_clients
         self.depth = depth
         self.chunks_per_worker = chunks_per_worker
+        self.batch_limit = batch_limit
         self.pools = pools
         self._pool_of = pool_of or (lambda cid: 0)
         cls = _worker_class()
@@ -274,15 +298,24 @@ class RayExecutor:
         self.restarts = 0
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue ``jobs`` as chunks: per pool and broadcast content, the jobs (longest first) are
-        dealt into ``chunks_per_worker × workers`` chunks, so each worker takes a few round trips
-        per round instead of one per client while the pool still balances dynamically."""
-        groups: dict[tuple[int, int], list[Job]] = {}
-        for job in sorted(jobs, key=lambda j: -j.work):
+        """Queue ``jobs`` as chunks. With ``batch_limit`` the chunks are :func:`plan_chunks`'s (the
+        same as the inline engine's, each one batched call on a worker). Otherwise, per pool and
+        broadcast content, the jobs (longest first) are dealt into ``chunks_per_worker × workers``
+        chunks, so each worker takes a few round trips per round instead of one per client while
+        the pool still balances dynamically."""
+        for job in jobs:
             key = id(job.message.content)
             if key not in self._content_refs:
                 self._content_refs[key] = self._ray.put(job.message.content)
-            groups.setdefault((self._pool_of(job.client_id), key), []).append(job)
+        if self.batch_limit is not None:
+            chunks = plan_chunks(jobs, self.batch_limit, self._pool_of)
+            for chunk in sorted(chunks, key=lambda c: -sum(j.work for j in c)):
+                self._queues[self._pool_of(chunk[0].client_id)].append(chunk)
+            self._pump()
+            return
+        groups: dict[tuple[int, int], list[Job]] = {}
+        for job in sorted(jobs, key=lambda j: -j.work):
+            groups.setdefault((self._pool_of(job.client_id), id(job.message.content)), []).append(job)
         for (pool, _), members in groups.items():
             k = min(len(members), self.chunks_per_worker * max(1, len(self._members[pool])))
             chunks: list[list[Job]] = [[] for _ in range(k)]

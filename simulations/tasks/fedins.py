@@ -20,16 +20,38 @@ from __future__ import annotations
 
 import math
 
+import torch
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
+from fedagg.batched import BatchedResult, ClientJob
 from fedagg.errors import ConfigError
 from fedagg.ssf.pool import SSFPoolModel
-from fedagg.ssf.training import OPTIMIZERS, train_pool
+from fedagg.ssf.training import OPTIMIZERS, batched_train_pool, train_pool
 from fedagg.training import load_numpy_state, state_to_numpy
-from simulations.client_app import TASKS, ClientRuntime
+from simulations.client_app import BATCHED_TASKS, TASKS, ClientRuntime
 from strategies.arrays import to_record
 
 __all__ = ["OPTIMIZERS", "fedins_task", "train_pool"]
+
+
+def _fedins_args(rt: ClientRuntime, config: ConfigRecord) -> tuple[SSFPoolModel, float, str]:
+    """The pool model, λ and the optimizer of a ``fedins`` train message (ConfigError if bad)."""
+    model = rt.model()
+    if not isinstance(model, SSFPoolModel):
+        raise ConfigError("model", f"task 'fedins' needs model: fedins, got {rt.config['model']!r}")
+    lam = float(config.get("fedins-lambda", 0.1))
+    if not 0.0 <= lam <= 1.0 or math.isnan(lam):
+        raise ConfigError("strategy_args.lam", f"must be in [0, 1], got {lam}")
+    return model, lam, str(config.get("optimizer", "sgd"))
+
+
+def _batched_fedins(rt: ClientRuntime, model: torch.nn.Module, config: ConfigRecord,
+                    jobs: list[ClientJob]) -> BatchedResult:
+    pool, lam, optimizer = _fedins_args(rt, config)
+    return batched_train_pool(pool, jobs, lam=lam, optimizer=optimizer)
+
+
+BATCHED_TASKS["fedins"] = _batched_fedins
 
 
 @TASKS.register("fedins", doc="FedIns: train only the SSF pool with the surrogate loss; reply "
@@ -38,17 +60,11 @@ def fedins_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Conte
     """Load the broadcast pool in place, run :func:`train_pool`, reply ``arrays`` + ``metrics``."""
     del context
     config = content.config_records.get("config", ConfigRecord())
-    model = rt.model()
-    if not isinstance(model, SSFPoolModel):
-        raise ConfigError("model", f"task 'fedins' needs model: fedins, got {rt.config['model']!r}")
+    model, lam, optimizer = _fedins_args(rt, config)
     load_numpy_state(model, rt.broadcast_state(content))
     t = rt.tensors(cid)
     server_round = int(config.get("server-round", 0))
-    lam = float(config.get("fedins-lambda", 0.1))
-    if not 0.0 <= lam <= 1.0 or math.isnan(lam):
-        raise ConfigError("strategy_args.lam", f"must be in [0, 1], got {lam}")
     stats = train_pool(model, t.x, t.y, rt.train_config(config),
-                       rt.generator("local-train", server_round, cid), lam=lam,
-                       optimizer=str(config.get("optimizer", "sgd")))
+                       rt.generator("local-train", server_round, cid), lam=lam, optimizer=optimizer)
     metrics = {"num-examples": int(len(t.y)), "client-id": cid, **stats}
     return RecordDict({"arrays": to_record(state_to_numpy(model)), "metrics": MetricRecord(metrics)})
