@@ -1,157 +1,147 @@
-"""Benchmark: engine overhead against a bare in-process torch loop.
+"""Benchmark: whole processes of each runner, side by side, against the naive per-client loop.
 
-One workload — 100 clients, 20 rounds, 10 clients per round, MNIST-1D, the 1-D CNN, 5 local steps,
-FedAvg, server evaluation every round — timed in one process on:
+Three workloads (MNIST-1D, MLP [128, 64], 5 local SGD steps of batch 16), each run as separate
+processes one after the other on this machine:
 
-(a) ``bare``: a plain loop with no Flower and no Ray (one model, weights loaded in place, the same
-    local SGD and the same server evaluation);
-(b) ``engine: ray`` (our Grid over Ray actors);
-(c) ``engine: flower`` (stock ``flwr.simulation.run_simulation``);
-plus ``engine: inline`` (our Grid, clients in the driver process) for reference.
+- ``fedau``: the FedAU study's setting (100 clients, Dirichlet α = 0.1, heterogeneous Bernoulli
+  availability with mean p = 0.1, evaluation every 5 rounds), 1,000 rounds;
+- ``cross-device``: 1,000 clients, 100 drawn per round, FedAvg, 100 rounds;
+- ``flower``: 20 clients, all per round, FedAvg, 10 rounds: stock ``run_simulation`` against ours.
 
-The round loop is timed from the first to the last round (``seconds`` in metrics.csv), so Ray
-start-up and actor creation are reported separately as start-up. Per-client-round overhead =
-(loop time − bare loop time) / client-rounds. Run: ``python -m simulations.bench engine``.
+Runners: ``naive`` (:mod:`simulations.bench.naive`: plain torch, one client after the other),
+``default`` (``python -m simulations.run`` with no ``--engine``: ``auto``), ``ray`` and, on the
+last workload, ``flower`` (stock ``flwr.simulation.run_simulation``). Whole process = wall time of
+the process (imports, data, start-up, rounds, writing results); round loop = the rounds alone
+(``seconds`` in metrics.csv; the naive loop times its own). Run: ``python -m simulations.bench engine``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from fedagg.data import load_federated
-from fedagg.models import build_model
-from fedagg.rng import numpy_rng, torch_generator
-from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state, local_sgd, state_to_numpy
 from simulations.bench.report import machine
+from simulations.results import read_metrics
 
-WORKLOAD = {"num_clients": 100, "rounds": 20, "clients_per_round": 10, "model": "cnn",
-            "local_steps": 5, "batch_size": 32, "lr": 0.05, "dataset": "mnist1d", "seed": 0}
+_MODEL = {"dataset": "mnist1d", "dataset_args": {"num_samples": 10000}, "test_fraction": 0.0,
+          "model": "mlp", "local_steps": 5, "batch_size": 16, "lr": 0.2, "seed": 0}
 
-#: An overhead-bound variant (as in the design note's measurement): a tiny MLP, one local step.
-TINY = {**WORKLOAD, "model": "mlp", "model_args": {"hidden": [16]}, "local_steps": 1}
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "fedau": {**_MODEL, "strategy": "fedau", "num_clients": 100, "partition": "dirichlet", "alpha": 0.1,
+              "rounds": 1000, "eval_every": 5,
+              "participation": {"process": "bernoulli", "probabilities": {
+                  "kind": "heterogeneous", "alpha": 0.1, "mean": 0.1, "floor": 0.02}}},
+    "cross-device": {**_MODEL, "strategy": "fedavg", "num_clients": 1000, "clients_per_round": 100,
+                     "partition": "dirichlet", "alpha": 0.1, "rounds": 100, "eval_every": 5},
+    "flower": {**_MODEL, "strategy": "fedavg", "num_clients": 20, "rounds": 10, "eval_every": 1},
+}
+
+#: Runners per workload (stock Flower takes minutes per hundred rounds: only on the short one).
+RUNNERS = {"fedau": ("naive", "default", "ray"), "cross-device": ("naive", "default", "ray"),
+           "flower": ("naive", "default", "flower")}
 
 
-def bare_loop(w: dict[str, Any]) -> tuple[float, float]:
-    """The workload as a plain torch loop; returns (loop seconds, final accuracy)."""
-    data = load_federated(w["dataset"], w["num_clients"], w["seed"])
-    model = build_model(w["model"], data.input_shape, data.num_classes, w["seed"], w.get("model_args"))
-    xt, yt = torch.as_tensor(data.test.x), torch.as_tensor(data.test.y)
-    clients = {k: (torch.as_tensor(data.client(k)[0].x), torch.as_tensor(data.client(k)[0].y))
-               for k in range(w["num_clients"])}
-    cfg = LocalTrainConfig(steps=w["local_steps"], lr=w["lr"], batch_size=w["batch_size"])
-    global_state = state_to_numpy(model)
-    threads = torch.get_num_threads()
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                               env.get("PYTHONPATH", "")])})
+    return env
+
+
+def run_process(runner: str, w: dict[str, Any], tmp: Path) -> dict[str, float]:
+    """One runner on workload ``w`` as a fresh process: whole, loop and start-up seconds, accuracy."""
+    if runner == "naive":
+        cmd = [sys.executable, "-m", "simulations.bench.naive", json.dumps(w)]
+    else:
+        out = tmp / runner
+        cfg = tmp / f"{runner}.yaml"
+        cfg.write_text(json.dumps({**w, "out": str(out)}))  # JSON is YAML
+        cmd = [sys.executable, "-m", "simulations.run", "--config", str(cfg), "--no-progress"]
+        if runner != "default":
+            cmd += ["--engine", runner]
     t0 = time.perf_counter()
-    acc = float("nan")
-    for rnd in range(1, w["rounds"] + 1):
-        chosen = numpy_rng(w["seed"], "select", rnd).choice(w["num_clients"], w["clients_per_round"], replace=False)
-        total: dict[str, np.ndarray] = {k: np.zeros_like(v, dtype=np.float64) for k, v in global_state.items()}
-        weight = 0
-        torch.set_num_threads(1)
-        for cid in sorted(int(c) for c in chosen):
-            load_numpy_state(model, global_state)
-            x, y = clients[cid]
-            local_sgd(model, x, y, cfg, torch_generator(w["seed"], "local-train", rnd, cid))
-            for k, v in state_to_numpy(model).items():
-                total[k] += len(y) * v
-            weight += len(y)
-        torch.set_num_threads(threads)
-        global_state = {k: (v / weight).astype(np.float32) for k, v in total.items()}
-        load_numpy_state(model, global_state)
-        _, acc = evaluate(model, xt, yt)
-    return time.perf_counter() - t0, acc
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    whole = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{runner} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    if runner == "naive":
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        loop, acc = float(res["loop_seconds"]), float(res["accuracy"])
+        engine = "—"
+    else:
+        rows = read_metrics(tmp / runner)
+        loop = float(sum(r["seconds"] for r in rows))
+        summary = json.loads((tmp / runner / "summary.json").read_text())
+        acc, engine = float(summary["final_test_accuracy"]), str(summary["engine"])
+    return {"whole": whole, "loop": loop, "startup": whole - loop, "accuracy": acc, "engine": engine}
 
 
-def engine_run(engine: str, w: dict[str, Any]) -> tuple[float, float, float]:
-    """(round-loop seconds, total seconds incl. start-up, final accuracy) of ``engine``."""
-    from simulations.config import load_config
-    from simulations.runner import Simulation
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, {**w, "engine": engine, "out": str(Path(tmp) / engine)})
-        t0 = time.perf_counter()
-        res = Simulation(cfg).run()
-        total = time.perf_counter() - t0
-    loop = float(sum(r["seconds"] for r in res.rows))
-    return loop, total, res.final_accuracy
+def client_rounds(name: str, w: dict[str, Any], tmp: Path) -> int:
+    """Client-rounds a workload trained (from the default runner's metrics)."""
+    return int(sum(r["clients"] for r in read_metrics(tmp / "default") if r["phase"] == "train"))
 
 
-def run(out_md: str | None = None, workloads: tuple[dict[str, Any], ...] = (WORKLOAD, TINY),
-        engines: tuple[str, ...] = ("inline", "ray", "flower")) -> str:
-    """Time each workload on the bare loop and each engine; return a markdown section."""
-    import logging
+def measure(name: str) -> str:
+    """One workload's table (markdown), every runner measured now, one after the other."""
+    w = WORKLOADS[name]
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        res = {r: run_process(r, w, tmp) for r in RUNNERS[name]}
+        cr = client_rounds(name, w, tmp)
+    naive = res["naive"]
+    lines = [f"### `{name}`: {w['num_clients']} clients, {w['rounds']} rounds, {w['strategy']} "
+             f"({cr:,} client-rounds)", "",
+             "| runner | engine | whole process (s) | round loop (s) | start-up etc. (s) | "
+             "whole / naive | loop ms per client-round | final accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for runner, r in res.items():
+        lines.append(f"| {runner} | {r['engine']} | {r['whole']:.1f} | {r['loop']:.1f} | {r['startup']:.1f} | "
+                     f"{r['whole'] / naive['whole']:.2f}× | {1000 * r['loop'] / cr:.2f} | "
+                     f"{100 * r['accuracy']:.1f} % |")
+    lines.append("")
+    d = res["default"]
+    lines.append(f"- default / naive, whole process: **{d['whole'] / naive['whole']:.2f}×**; round loop: "
+                 f"**{d['loop'] / naive['loop']:.2f}×**")
+    if "flower" in res:
+        f = res["flower"]
+        lines.append(f"- stock run_simulation / default, whole process: **{f['whole'] / d['whole']:.1f}×**; "
+                     f"round loop: **{f['loop'] / d['loop']:.1f}×**")
+    if "ray" in res:
+        lines.append(f"- ray / naive, whole process: {res['ray']['whole'] / naive['whole']:.2f}×; "
+                     f"Ray start-up and workers: {res['ray']['startup'] - d['startup']:.1f} s more than default")
+    return "\n".join(lines) + "\n"
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    parts = ["## Engine overhead", ""]
-    for w in workloads:
-        parts.append(measure(w, engines))
+
+def run(names: tuple[str, ...] = tuple(WORKLOADS)) -> str:
+    """All workloads; returns the markdown section for docs/benchmarks.md."""
+    parts = ["## Engines against the naive loop (whole processes)", "",
+             f"Machine: {machine()}. Each runner is a fresh process, run one after the other in one "
+             "session; nothing else was running. The naive loop and the runners train the same clients "
+             "on the same minibatches (FedAU aggregates with its own weights, the naive loop averages).", ""]
+    for name in names:
+        parts.append(measure(name))
     parts.append(NOTE)
     text = "\n".join(parts)
     print(text)
-    if out_md:
-        Path(out_md).write_text(text)
     return text
 
 
 NOTE = """### Reading the numbers
 
-- On the CNN workload the ray engine runs the round loop *faster* than the single-process bare loop:
-  its two workers train clients in parallel on the two cores, and its overhead (one Ray round trip per
-  chunk of clients, Flower records encoded once, the broadcast put in the object store once per round)
-  stays under the 5 ms per client-round target.
-- Against stock `run_simulation`, the per-client-round *overhead* is 8–10× smaller, but the loop time
-  is only 2× (CNN) to 6× (tiny MLP) smaller: local training is the same work on both and dominates
-  the CNN rounds. The ≥ 10× loop-time target is therefore not reached on this 2-core machine; it would
-  need a workload whose local training is much cheaper than Flower's own per-message cost.
-- The tiny-MLP workload shows the fixed cost of a ClientApp call (Flower `Message`/`ArrayRecord`
-  encoding, ~2.5 ms per client-round even in-process), which the bare loop does not pay.
+- `default` is `python -m simulations.run` without `--engine`: `auto` picks the in-process worker
+  (no Ray start-up), which trains each round's clients as batched computations
+  (`fedagg.batched`: stacked parameters, one forward/backward for all clients) and passes Flower
+  Messages with records encoded without `np.save`/`np.load`.
+- `start-up etc.` is everything outside the rounds: imports (torch, Flower), data, model, the first
+  evaluation and writing the run directory; for `ray` also starting Ray and its workers.
 """
-
-
-def measure(w: dict[str, Any], engines: tuple[str, ...]) -> str:
-    """One workload's table and ratios (markdown)."""
-    client_rounds = w["rounds"] * w["clients_per_round"]
-    bare, bare_acc = bare_loop(w)
-    rows = [("bare torch loop", bare, bare, bare_acc)]
-    for engine in engines:
-        loop, total, acc = engine_run(engine, w)
-        rows.append((f"engine: {engine}", loop, total, acc))
-    times = {name: loop for name, loop, _, _ in rows}
-    model = w["model"] + (f" {w['model_args']}" if w.get("model_args") else "")
-    lines = [
-        f"### {model}, {w['local_steps']} local step(s)",
-        "",
-        f"Workload: {w['num_clients']} clients, {w['rounds']} rounds × {w['clients_per_round']} clients "
-        f"({client_rounds} client-rounds), MNIST-1D, `{model}`, {w['local_steps']} local steps of batch "
-        f"{w['batch_size']}, FedAvg, server evaluation every round. Machine: {machine()}.",
-        "",
-        "| runner | round loop (s) | incl. start-up (s) | overhead per client-round (ms) | final accuracy |",
-        "|---|---|---|---|---|",
-    ]
-    for name, loop, total, acc in rows:
-        over = 1000 * (loop - bare) / client_rounds
-        lines.append(f"| {name} | {loop:.2f} | {total:.2f} | {over:+.1f} | {100 * acc:.1f} % |")
-    lines.append("")
-    if "engine: ray" in times:
-        lines.append(f"- ray engine / bare loop: **{times['engine: ray'] / bare:.2f}×** (target ≤ 1.3×)")
-    if "engine: ray" in times and "engine: flower" in times:
-        lines.append(f"- stock run_simulation / ray engine: **{times['engine: flower'] / times['engine: ray']:.1f}×** "
-                     "(target ≥ 10×)")
-    if "engine: ray" in times and "engine: flower" in times and times["engine: ray"] > bare:
-        ratio = (times["engine: flower"] - bare) / (times["engine: ray"] - bare)
-        lines.append(f"- overhead per client-round, stock / ray engine: **{ratio:.1f}×** "
-                     "(time beyond the bare loop's local training and evaluation)")
-    if "engine: inline" in times:
-        lines.append(f"- inline engine / bare loop: {times['engine: inline'] / bare:.2f}×")
-    lines.append("- Final accuracies agree across engines (same seed ⇒ same model); the bare loop "
-                 "draws the same clients and minibatches.")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
