@@ -13,10 +13,12 @@ Per layer:
 
 - trainable ``Linear``: ``baddbmm`` of ``(k, B, in)`` with the stacked ``(k, out, in)`` weight;
 - trainable ``Conv1d`` (``groups = 1``): im2col from ``K`` strided slices + ``baddbmm``, in a
-  channels-last layout ``(k, B, L, C)``. With one BLAS thread, batch 16, CNN1D(32 channels, L = 40),
-  one SGD step cost (rough, shared 2-core machine) 0.25–0.35 ms per client at k = 5–20, against
-  0.35–0.55 ms for a grouped convolution (0.24–0.31 vs 0.24–0.27 at k = 50–100); unlike the grouped
-  convolution it gives client ``i`` bitwise the same result whatever ``k`` is;
+  channels-last layout ``(k, B, L, C)``. One SGD step of CNN1D(32 channels, L = 40), batch 16, one
+  BLAS thread (rough, shared 2-core machine): 0.21–0.35 ms per client at k = 5–20, against
+  0.28–0.55 ms with grouped convolutions and 0.28–0.51 ms with ``vmap(functional_call)``; about
+  equal to both at k = 50–100 (0.22–0.31 ms). Grouped convolutions also round client ``i``
+  differently for different ``k``; im2col does not at these shapes (batched BLAS still may, for
+  some small matrix shapes);
 - trainable ``Conv1d`` with ``groups > 1`` or string padding: one grouped convolution over
   ``(B, k·C, L)`` with ``groups = k·g``;
 - frozen layers (no parameter of the layer trainable): the ordinary layer on ``(k·B, …)``, once for
