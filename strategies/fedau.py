@@ -51,7 +51,9 @@ State (``state_dict()``, saved to ``strategy_state.safetensors`` at the end of a
   O(1) per client: 24 bytes.
 - ``mifa`` / ``fedvarp``: ``<name>.memory: (N, d) float64`` — ``8·N·d`` bytes (e.g. 100 clients ×
   14,154 parameters = 11.3 MB; 1 GB at N = 1,000 and d = 125,000), ``<name>.seen: (N,) bool``.
-- The stateless rules have no state.
+- The stateless rules have no state of their own.
+- Every rule: ``server_opt.momentum`` (the server optimiser's buffer, see
+  :class:`~strategies.base.DeltaStrategy`) once it exists.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ class PopulationStrategy(DeltaStrategy):
         self.num_clients = int(num_clients)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> %s: N=%d, server_lr=%s, clients_per_round=%s, seed=%d",
-            type(self).__name__, self.num_clients, self.server_lr, self.clients_per_round, self.seed)
+        log(INFO, "\t├──> %s: N=%d, %s, clients_per_round=%s, seed=%d",
+            type(self).__name__, self.num_clients, self.describe_server_step(),
+            self.clients_per_round, self.seed)
 
 
 # ---------------------------------------------------------------------------------------- FedAU
@@ -214,6 +217,7 @@ class FedAUStrategy(PopulationStrategy):
         """The estimator state (see the module docstring) plus the derived ``fedau.weights``."""
         st = self.estimator.state_dict()
         return {
+            **super().state_dict(),
             "fedau.interval_sum": st["interval_sum"],
             "fedau.interval_count": st["interval_count"],
             "fedau.last_participation": st["last_participation"],
@@ -226,6 +230,7 @@ class FedAUStrategy(PopulationStrategy):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore :meth:`state_dict` output (same ``N`` and ``cutoff``; ``ValueError`` else)."""
+        state = self.load_base_state(state)
         cutoff = _scalar(state, "fedau.cutoff")
         self.estimator.load_state_dict({
             "interval_sum": state["fedau.interval_sum"],
@@ -238,8 +243,8 @@ class FedAUStrategy(PopulationStrategy):
         self.server_round = _scalar(state, "fedau.server_round")
 
     def summary(self) -> None:
-        log(INFO, "\t├──> FedAU: N=%d, cutoff K=%s, server_lr=%s, clients_per_round=%s",
-            self.num_clients, self.cutoff or "∞", self.server_lr, self.clients_per_round)
+        log(INFO, "\t├──> FedAU: N=%d, cutoff K=%s, %s, clients_per_round=%s",
+            self.num_clients, self.cutoff or "∞", self.describe_server_step(), self.clients_per_round)
 
 
 # ------------------------------------------------------------------------- stateless baselines
@@ -325,11 +330,14 @@ class _MemoryStrategy(PopulationStrategy):
         return {"memory_filled": float(self.seen.mean())}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        if self.memory is None:
-            return {}
-        return {f"{self.key}.memory": self.memory.memory.copy(), f"{self.key}.seen": self.seen.copy()}
+        out = super().state_dict()
+        if self.memory is not None:
+            out[f"{self.key}.memory"] = self.memory.memory.copy()
+            out[f"{self.key}.seen"] = self.seen.copy()
+        return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        state = self.load_base_state(state)
         if not state:
             self.memory, self.seen = None, np.zeros(self.num_clients, dtype=bool)
             return
