@@ -177,7 +177,7 @@ def test_every_delta_rule_accepts_the_server_optimizer(name, extra):
 def test_state_round_trip_keeps_the_momentum_buffer_and_resumes_bit_identically(tmp_path, name):
     rng = np.random.default_rng(4)
     deltas = [rng.normal(size=(3, D)) for _ in range(6)]
-    big = [0, 1, 2]
+    big = [2**64 - 1, 2**63 + 11, 12345]  # Flower-style node ids for the per-client rules
 
     def round_(s, t, x):
         arrays, _ = run_round(s, t, x, {big[k]: LAYOUT.unflatten(flat(x) + deltas[t - 1][k])
