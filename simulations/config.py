@@ -144,6 +144,10 @@ class RunConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     # server
     server_lr: float = Field(1.0, ge=0)
+    server_momentum: float | None = Field(None, ge=0, lt=1)
+    server_weight_decay: float | None = Field(None, ge=0)
+    server_lr_decay: float | None = Field(None, gt=0, le=1)
+    server_lr_decay_every: int | None = Field(None, ge=1)
     min_replies: int = Field(1, ge=0)
     max_update_norm: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1)
@@ -275,6 +279,7 @@ def validate(cfg: RunConfig) -> None:
     import strategies
     from fedagg.data import DATASETS, PARTITIONERS
     from fedagg.models import MODELS
+    from strategies.base import check_lr_decay
 
     if cfg.clients_per_round is not None and cfg.clients_per_round > cfg.num_clients:
         raise ConfigError(
@@ -285,6 +290,7 @@ def validate(cfg: RunConfig) -> None:
     clash = sorted(set(cfg.strategy_args) & strategies.COMMON_NAMES)
     if clash:
         raise ConfigError(f"strategy_args.{clash[0]}", f"set the top-level key `{clash[0]}` instead")
+    check_lr_decay(cfg.server_lr_decay, cfg.server_lr_decay_every)
     entry.resolve(strategy_params(cfg), where="strategy_args")
     if not cfg.dataset.startswith("hf:") and cfg.dataset not in DATASETS:
         raise unknown_name("dataset", cfg.dataset, [*DATASETS.names(), "hf:<name>"])
@@ -343,6 +349,15 @@ def strategy_params(cfg: RunConfig) -> dict[str, Any]:
         "max_update_norm": cfg.max_update_norm,
     }
     params = {k: v for k, v in common.items() if entry.param(k) is not None}
+    for key in sorted(strategies.SERVER_OPTIMIZER_NAMES):  # only when set: null = off
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if entry.param(key) is None:
+            raise ConfigError(key, f"strategy {cfg.strategy!r} is Flower's own rule with its own "
+                              "server step and cannot honour it; use a fedagg delta strategy "
+                              "(fedavg, fedau, the robust rules, soups) or unset it")
+        params[key] = value
     if cfg.aggregator is not None:
         if entry.param("aggregator") is None:
             raise ConfigError("aggregator", f"strategy {cfg.strategy!r} has no aggregator to choose")

@@ -34,6 +34,12 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--batch-size", "batch_size", "local minibatch size"),
     ("--lr", "lr", "client learning rate"),
     ("--server-lr", "server_lr", "server (global) learning rate η"),
+    ("--server-momentum", "server_momentum", "server heavy-ball momentum m in [0, 1) on the aggregate "
+     "(delta strategies; fedavgm: its β)"),
+    ("--server-weight-decay", "server_weight_decay", "server weight decay λ >= 0 (torch SGD's weight_decay)"),
+    ("--server-lr-decay", "server_lr_decay", "multiply server_lr by this factor in (0, 1] every "
+     "--server-lr-decay-every rounds"),
+    ("--server-lr-decay-every", "server_lr_decay_every", "rounds between server_lr decays (>= 1)"),
     ("--seed", "seed", "run seed (data split, participation, training, attacks)"),
     ("--engine", "engine", "auto (default: inline unless the run needs Ray; prints the choice), ray, flower (stock run_simulation) or inline (no Ray)"),
     ("--out", "out", "run directory (default runs/<strategy>-<timestamp>)"),

@@ -17,9 +17,16 @@ from strategies import fedau as _fedau  # noqa: F401
 from strategies import fedins as _fedins  # noqa: F401
 from strategies import merging as _merging  # noqa: F401
 from strategies import robust as _robust  # noqa: F401
-from strategies.registry import COMMON_NAMES, COMMON_PARAMS, REGISTRY
+from strategies.registry import (
+    COMMON_NAMES,
+    COMMON_PARAMS,
+    REGISTRY,
+    SERVER_OPTIMIZER_NAMES,
+    SERVER_OPTIMIZER_PARAMS,
+)
 
-__all__ = ["COMMON_NAMES", "COMMON_PARAMS", "REGISTRY", "build", "names"]
+__all__ = ["COMMON_NAMES", "COMMON_PARAMS", "REGISTRY", "SERVER_OPTIMIZER_NAMES",
+           "SERVER_OPTIMIZER_PARAMS", "build", "names"]
 
 
 def build(name: str, **params: Any) -> Strategy:

@@ -16,7 +16,8 @@
 :class:`DeltaStrategy` adds the delta convention used by all of our own rules: a client update is
 ``Δ_k = local_k − global`` (clients reply with their local model, like every Flower ClientApp; the
 strategy subtracts the model it broadcast), the rule maps the ``(n, d)`` matrix of deltas to one
-``(d,)`` aggregate, and the server applies ``global += server_lr · aggregate``.
+``(d,)`` aggregate, and the server applies ``global += server_lr · aggregate`` — or, with the
+server optimiser on, a heavy-ball step on the aggregate (:class:`DeltaStrategy`, "Server optimiser").
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedagg.errors import ConfigError
 from fedagg.rng import numpy_rng
 from strategies.arrays import Layout, to_numpy, to_record
 
@@ -304,24 +306,130 @@ class FedaggStrategy:
                 setattr(self, attr, items)
 
 
+#: Prefix of the state keys of the server optimiser (``server_opt.momentum``).
+SERVER_STATE_PREFIX = "server_opt."
+
+
+def check_lr_decay(server_lr_decay: float | None, server_lr_decay_every: int | None) -> None:
+    """The step-decay schedule is set completely or not at all (ConfigError naming the field)."""
+    if (server_lr_decay is None) != (server_lr_decay_every is None):
+        missing = "server_lr_decay_every" if server_lr_decay_every is None else "server_lr_decay"
+        given = "server_lr_decay" if missing == "server_lr_decay_every" else "server_lr_decay_every"
+        raise ConfigError(missing, f"required with {given} (the schedule is lr × server_lr_decay "
+                          "every server_lr_decay_every rounds); set both or neither")
+
+
+def step_decay(lr: float, server_round: int, factor: float | None, every: int | None) -> float:
+    """``lr · factor^⌊(server_round − 1)/every⌋`` (rounds from 1); ``lr`` without a schedule.
+
+    >>> [step_decay(1.0, t, 0.5, 2) for t in (1, 2, 3, 4, 5)]
+    [1.0, 1.0, 0.5, 0.5, 0.25]
+    """
+    if factor is None or every is None:
+        return lr
+    return lr * factor ** ((int(server_round) - 1) // int(every))
+
+
 class DeltaStrategy(FedaggStrategy, FedAvg):
     """Base of our own rules: ``global += server_lr · aggregate_deltas(Δ)`` with ``Δ = local − global``.
 
     Subclasses override :meth:`aggregate_deltas`. The default is FedAvg (McMahan et al. 2017,
     arXiv 1602.05629): the example-weighted mean of the deltas.
 
+    Server optimiser
+    ----------------
+    The aggregate ``a_t`` points the way the clients moved, i.e. *against* a gradient: one client
+    doing one plain SGD step ``local = global − γ ∇F`` gives ``a_t = −γ ∇F``. The server treats
+    ``−a_t`` as the gradient of a torch-style SGD with momentum ``m``, weight decay ``λ`` and step
+    ``η_t``, written in the aggregate's direction (``v = −torch's momentum buffer``)::
+
+        u_t = a_t − λ · θ_{t−1}                   (weight decay: −λθ is the descent of ½λ‖θ‖²)
+        v_t = m · v_{t−1} + u_t,   v = u at the first step   (heavy ball; no dampening/Nesterov)
+        θ_t = θ_{t−1} + η_t · v_t
+        η_t = server_lr · server_lr_decay^⌊(t − 1)/server_lr_decay_every⌋   (rounds t from 1)
+
+    so for replies ``local = θ − g_t`` this is exactly ``torch.optim.SGD(lr=η, momentum=m,
+    weight_decay=λ)`` stepping on gradients ``g_t`` (with ``torch.optim.lr_scheduler.StepLR(step_size=
+    server_lr_decay_every, gamma=server_lr_decay)`` stepped once per round for the schedule).
+    The schedule follows the round number ``t`` (a round that takes no step still counts; torch's
+    ``StepLR`` would count steps). With ``m = λ = 0`` and no schedule it is the plain
+    ``θ += server_lr · a_t`` (bit for bit).
+    ``v`` is float64 strategy state (``server_opt.momentum``, ``(d,)``; in :meth:`state_dict`). A
+    round that keeps the global model (too few usable replies, a non-finite aggregate or step)
+    takes no step and leaves ``v`` unchanged.
+
     Parameters
     ----------
     server_lr : float (default: 1.0)
         Global learning rate η.
+    server_momentum : float in [0, 1) or None (default: None = 0)
+        Heavy-ball momentum ``m`` on the aggregate.
+    server_weight_decay : float >= 0 or None (default: None = 0)
+        ``λ``: subtract ``η_t · λ · θ`` each step (torch SGD's ``weight_decay``).
+    server_lr_decay : float in (0, 1] or None (default: None)
+        Step-decay factor of ``η`` (needs ``server_lr_decay_every``).
+    server_lr_decay_every : int >= 1 or None (default: None)
+        Rounds between decays (needs ``server_lr_decay``).
     **kwargs
         :class:`FedaggStrategy` and Flower ``FedAvg`` parameters.
     """
 
-    def __init__(self, *, server_lr: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, *, server_lr: float = 1.0, server_momentum: float | None = None,
+                 server_weight_decay: float | None = None, server_lr_decay: float | None = None,
+                 server_lr_decay_every: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.server_lr = server_lr
+        m, wd = float(server_momentum or 0.0), float(server_weight_decay or 0.0)
+        if not 0 <= m < 1:
+            raise ConfigError("server_momentum", f"must lie in [0, 1), got {m}")
+        if not (np.isfinite(wd) and wd >= 0):
+            raise ConfigError("server_weight_decay", f"must be >= 0, got {wd}")
+        self.server_momentum, self.server_weight_decay = m, wd
+        check_lr_decay(server_lr_decay, server_lr_decay_every)
+        if server_lr_decay is not None and not 0 < server_lr_decay <= 1:
+            raise ConfigError("server_lr_decay", f"must lie in (0, 1], got {server_lr_decay}")
+        if server_lr_decay_every is not None and not int(server_lr_decay_every) >= 1:
+            raise ConfigError("server_lr_decay_every", f"must be >= 1, got {server_lr_decay_every}")
+        self.server_lr_decay = None if server_lr_decay is None else float(server_lr_decay)
+        self.server_lr_decay_every = (None if server_lr_decay_every is None
+                                      else int(server_lr_decay_every))
+        #: Heavy-ball buffer ``v`` (float64, ``(d,)``), allocated at the first step with m > 0.
+        self.momentum_buffer: np.ndarray | None = None
 
+    # ------------------------------------------------------------------ server optimiser
+    def server_lr_at(self, server_round: int) -> float:
+        """``η_t``: ``server_lr`` after the step-decay schedule, for round ``server_round``."""
+        return step_decay(self.server_lr, server_round, self.server_lr_decay,
+                          self.server_lr_decay_every)
+
+    def server_step(self, server_round: int, global_flat: np.ndarray, aggregate: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(θ_t, v_t)`` from ``θ_{t−1} = global_flat (d,)`` and ``a_t = aggregate (d,)`` (class
+        docstring); ``v_t`` is None without momentum. Pure: commit ``v_t`` with
+        :meth:`commit_step` once ``θ_t`` is accepted."""
+        lr = self.server_lr_at(server_round)
+        if self.server_momentum == 0.0 and self.server_weight_decay == 0.0:
+            return global_flat + lr * aggregate, None
+        u = aggregate - self.server_weight_decay * global_flat if self.server_weight_decay else aggregate
+        if self.server_momentum == 0.0:
+            return global_flat + lr * u, None
+        v = self.momentum_buffer
+        if v is not None and v.shape != u.shape:
+            raise ValueError(f"server momentum buffer has shape {v.shape}, the model {u.shape}")
+        v = u.copy() if v is None else self.server_momentum * v + u
+        return global_flat + lr * v, v
+
+    def commit_step(self, buffer: np.ndarray | None) -> None:
+        """Keep the momentum buffer of an accepted :meth:`server_step`."""
+        if buffer is not None:
+            self.momentum_buffer = buffer
+
+    @property
+    def uses_server_optimizer(self) -> bool:
+        """Whether momentum or weight decay is on (the step is more than ``θ += η_t · a_t``)."""
+        return self.server_momentum > 0.0 or self.server_weight_decay > 0.0
+
+    # ------------------------------------------------------------------ aggregation
     def aggregate_deltas(self, server_round: int, deltas: np.ndarray, num_examples: np.ndarray,
                          client_ids: list[int]) -> np.ndarray:
         """Map ``deltas: (n, d)`` (float64) to the aggregate ``(d,)``. Default: weighted mean."""
@@ -342,18 +450,61 @@ class DeltaStrategy(FedaggStrategy, FedAvg):
         agg = np.asarray(self.aggregate_deltas(server_round, deltas, n_ex, ids), dtype=np.float64)
         metrics = mean_metrics(replies)
         metrics.update(self.round_metrics())
-        new = layout.unflatten(g + self.server_lr * agg) if agg.shape == g.shape else None
+        new, buffer = None, None
+        if agg.shape == g.shape:
+            flat, buffer = self.server_step(server_round, g, agg)
+            new = layout.unflatten(flat)
         if new is None or not all(np.all(np.isfinite(v)) for v in new.values()):
             # e.g. a NaN from the rule, or a finite float64 step that overflows float32
             log(WARNING, "round %d: aggregate is not finite; global model kept", server_round)
             metrics["aggregate_nonfinite"] = 1
             return None, MetricRecord(metrics)
+        self.commit_step(buffer)
         return to_record(new), MetricRecord(metrics)
 
     def round_metrics(self) -> dict[str, float]:
         """Strategy-specific scalars for this round's metrics row (e.g. weight statistics)."""
         return {}
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """:meth:`FedaggStrategy.state_dict` plus ``server_opt.momentum`` once it exists.
+        Subclasses add their own keys to ``super().state_dict()``."""
+        out = super().state_dict()
+        if self.momentum_buffer is not None:
+            out[f"{SERVER_STATE_PREFIX}momentum"] = self.momentum_buffer.copy()
+        return out
+
+    def load_base_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Restore the state this base class owns (the momentum buffer; absent = none yet) and
+        return the other entries, for the subclass's own :meth:`load_state_dict`."""
+        rest = {k: v for k, v in state.items() if not k.startswith(SERVER_STATE_PREFIX)}
+        own = {k: v for k, v in state.items() if k.startswith(SERVER_STATE_PREFIX)}
+        buf = own.pop(f"{SERVER_STATE_PREFIX}momentum", None)
+        if own:
+            raise ValueError(f"{type(self).__name__} has no state {sorted(own)[0]!r}")
+        if buf is not None:
+            buf = np.array(buf, dtype=np.float64)
+            if buf.ndim != 1:
+                raise ValueError(f"server_opt.momentum must be (d,), got {buf.shape}")
+        self.momentum_buffer = buf
+        return rest
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict` output (unknown keys are an error)."""
+        super().load_state_dict(self.load_base_state(state))
+
     def summary(self) -> None:
-        log(INFO, "\t├──> %s: server_lr=%s, clients_per_round=%s, seed=%d",
-            type(self).__name__, self.server_lr, self.clients_per_round, self.seed)
+        log(INFO, "\t├──> %s: %s, clients_per_round=%s, seed=%d",
+            type(self).__name__, self.describe_server_step(), self.clients_per_round, self.seed)
+
+    def describe_server_step(self) -> str:
+        """``server_lr=…`` plus the optimiser settings that are on, for summaries."""
+        parts = [f"server_lr={self.server_lr}"]
+        if self.server_momentum:
+            parts.append(f"server_momentum={self.server_momentum}")
+        if self.server_weight_decay:
+            parts.append(f"server_weight_decay={self.server_weight_decay}")
+        if self.server_lr_decay is not None:
+            parts.append(f"×{self.server_lr_decay} every {self.server_lr_decay_every} rounds")
+        return ", ".join(parts)

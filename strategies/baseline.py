@@ -5,6 +5,11 @@
 (``flwr.serverapp.strategy``) with seeded client selection, sorted replies and the shared validation
 step added; their aggregation math is Flower's, unchanged. ``flwr-*`` names always mean Flower's
 implementations (kept for comparison with our robust rules).
+
+Flower's rules have their own server step: they do not take the server optimiser of our delta
+strategies (``server_momentum``, ``server_weight_decay``, ``server_lr_decay``/``_every``); setting
+one is a ConfigError. ``fedavgm`` is the exception for ``server_momentum``, which is its own β
+(Flower's FedAvgM momentum, default 0.9).
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ def _flower(cls: type, server_lr: float, num_clients: int, **kwargs: Any) -> Fed
     return wrapped(**kwargs)
 
 
+def _flower_rule(name: str, **kw: Any):
+    """Register a Flower rule: no server optimiser of ours (see the module docstring)."""
+    return register(name, server_optimizer=False, **kw)
+
+
 @register("fedavg", doc="FedAvg: example-weighted mean of client deltas (delta form, server_lr).")
 def build_fedavg(**common: Any) -> DeltaStrategy:
     common.pop("num_clients")
     return DeltaStrategy(**common)
 
 
-@register("fedprox", params=[Param("proximal_mu", float, 0.01, "proximal term μ", low=0.0)],
-          doc="FedProx (Li et al., arXiv 1812.06127): clients add μ/2‖w − w_global‖² (Flower's FedProx).")
+@_flower_rule("fedprox", params=[Param("proximal_mu", float, 0.01, "proximal term μ", low=0.0)],
+              doc="FedProx (Li et al., arXiv 1812.06127): clients add μ/2‖w − w_global‖² (Flower's FedProx).")
 def build_fedprox(proximal_mu: float, **common: Any) -> FedaggStrategy:
     return _flower(fs.FedProx, proximal_mu=proximal_mu, **common)
 
@@ -49,38 +59,38 @@ _BETAS = [
 ]
 
 
-@register("fedadam", params=[*_OPT, *_BETAS],
-          doc="FedAdam (Reddi et al., arXiv 2003.00295), Flower's implementation.")
+@_flower_rule("fedadam", params=[*_OPT, *_BETAS],
+              doc="FedAdam (Reddi et al., arXiv 2003.00295), Flower's implementation.")
 def build_fedadam(**kw: Any) -> FedaggStrategy:
     return _flower(fs.FedAdam, **kw)
 
 
-@register("fedyogi", params=[*_OPT, *_BETAS],
-          doc="FedYogi (Reddi et al., arXiv 2003.00295), Flower's implementation.")
+@_flower_rule("fedyogi", params=[*_OPT, *_BETAS],
+              doc="FedYogi (Reddi et al., arXiv 2003.00295), Flower's implementation.")
 def build_fedyogi(**kw: Any) -> FedaggStrategy:
     return _flower(fs.FedYogi, **kw)
 
 
-@register("fedadagrad", params=_OPT,
-          doc="FedAdagrad (Reddi et al., arXiv 2003.00295), Flower's implementation.")
+@_flower_rule("fedadagrad", params=_OPT,
+              doc="FedAdagrad (Reddi et al., arXiv 2003.00295), Flower's implementation.")
 def build_fedadagrad(**kw: Any) -> FedaggStrategy:
     return _flower(fs.FedAdagrad, **kw)
 
 
-@register("fedavgm", params=[Param("server_momentum", float, 0.9, "server momentum β", low=0.0, high=1.0)],
-          doc="FedAvgM (Hsu et al., arXiv 1909.06335), Flower's implementation; step = server_lr.")
+@_flower_rule("fedavgm", params=[Param("server_momentum", float, 0.9, "server momentum β", low=0.0, high=1.0)],
+              doc="FedAvgM (Hsu et al., arXiv 1909.06335), Flower's implementation; step = server_lr.")
 def build_fedavgm(server_momentum: float, server_lr: float, **kw: Any) -> FedaggStrategy:
     return _flower(fs.FedAvgM, server_lr=server_lr, server_learning_rate=server_lr,
                    server_momentum=server_momentum, **kw)
 
 
-@register("fedmedian", doc="Coordinate-wise median of client models (Yin et al. 2018), Flower's FedMedian.")
+@_flower_rule("fedmedian", doc="Coordinate-wise median of client models (Yin et al. 2018), Flower's FedMedian.")
 def build_fedmedian(**kw: Any) -> FedaggStrategy:
     return _flower(fs.FedMedian, **kw)
 
 
-@register("fedtrimmedavg", params=[Param("beta", float, 0.2, "fraction trimmed at each end", low=0.0, high=0.5, high_open=True)],
-          doc="Coordinate-wise trimmed mean (Yin et al. 2018), Flower's FedTrimmedAvg.")
+@_flower_rule("fedtrimmedavg", params=[Param("beta", float, 0.2, "fraction trimmed at each end", low=0.0, high=0.5, high_open=True)],
+              doc="Coordinate-wise trimmed mean (Yin et al. 2018), Flower's FedTrimmedAvg.")
 def build_fedtrimmedavg(beta: float, **kw: Any) -> FedaggStrategy:
     return _flower(fs.FedTrimmedAvg, beta=beta, **kw)
 
@@ -88,17 +98,17 @@ def build_fedtrimmedavg(beta: float, **kw: Any) -> FedaggStrategy:
 _F = Param("num_malicious_nodes", int, 0, "assumed number of Byzantine clients f", low=0)
 
 
-@register("flwr-krum", params=[_F], doc="Krum (Blanchard et al. 2017), Flower's implementation.")
+@_flower_rule("flwr-krum", params=[_F], doc="Krum (Blanchard et al. 2017), Flower's implementation.")
 def build_flwr_krum(**kw: Any) -> FedaggStrategy:
     return _flower(fs.Krum, **kw)
 
 
-@register("flwr-multikrum", params=[_F, Param("num_nodes_to_select", int, 1, "m models averaged", low=1)],
-          doc="Multi-Krum (Blanchard et al. 2017), Flower's implementation.")
+@_flower_rule("flwr-multikrum", params=[_F, Param("num_nodes_to_select", int, 1, "m models averaged", low=1)],
+              doc="Multi-Krum (Blanchard et al. 2017), Flower's implementation.")
 def build_flwr_multikrum(**kw: Any) -> FedaggStrategy:
     return _flower(fs.MultiKrum, **kw)
 
 
-@register("flwr-bulyan", params=[_F], doc="Bulyan (El Mhamdi et al. 2018), Flower's one-shot Message-API version.")
+@_flower_rule("flwr-bulyan", params=[_F], doc="Bulyan (El Mhamdi et al. 2018), Flower's one-shot Message-API version.")
 def build_flwr_bulyan(**kw: Any) -> FedaggStrategy:
     return _flower(fs.Bulyan, **kw)

@@ -38,9 +38,24 @@ clients' participation (the estimator measures availability, which that round di
 
 Client ids
 ----------
-The client id of a reply is its source node id, which the fedagg engines (and the ``flower``
-engine, through its id mapping) set to the partition id ``0 … N−1``. Stateful rules index their
-per-client state by it, so an id outside ``[0, N)`` is an error (``ValueError``).
+The stateful rules (``fedau``, ``mifa``, ``fedvarp``, ``known-p``) keep per-client rows ``0 … N−1``
+and map the source node id of each reply to a row with a :class:`~strategies.node_index.NodeIndex`:
+
+- ``node_ids=[…]`` (``N`` distinct Flower node ids, optional): row ``i`` is ``node_ids[i]``; a reply
+  from any other node is an error.
+- otherwise ``fedau``, ``mifa`` and ``fedvarp`` give each node a row the first time it replies
+  and keep it: a node id ``k < N`` gets row ``k`` (so under the fedagg engines, where node id =
+  partition id ``0 … N−1``, row = client id and results are unchanged), any other node the lowest
+  free row, in order of first reply (ascending node id within a round). This is what makes them
+  work unchanged in any Flower app (``run_simulation``, a SuperLink), whose node ids are random
+  64-bit integers; more than ``N`` distinct nodes is an error.
+- ``known-p``'s ``probabilities[i]`` must belong to a known node, so it never assigns rows on the
+  fly: without ``node_ids`` the node ids must be ``0 … N−1`` (``probabilities`` indexed by node id,
+  as the fedagg runner does); in another Flower app pass ``node_ids`` in the order of
+  ``probabilities`` (e.g. ``sorted(grid.get_node_ids())``).
+
+The assignment is state (``clients.node_id`` ``(N,) uint64``, ``clients.assigned`` ``(N,) bool``,
+present once a node has a row), so a resumed run maps every node to the same row.
 
 State (``state_dict()``, saved to ``strategy_state.safetensors`` at the end of a run)
 --------------------------------------------------------------------------------------
@@ -51,7 +66,9 @@ State (``state_dict()``, saved to ``strategy_state.safetensors`` at the end of a
   O(1) per client: 24 bytes.
 - ``mifa`` / ``fedvarp``: ``<name>.memory: (N, d) float64`` — ``8·N·d`` bytes (e.g. 100 clients ×
   14,154 parameters = 11.3 MB; 1 GB at N = 1,000 and d = 125,000), ``<name>.seen: (N,) bool``.
-- The stateless rules have no state.
+- The stateless rules have no state of their own.
+- Every rule: ``clients.*`` (above) and ``server_opt.momentum`` (the server optimiser's buffer, see
+  :class:`~strategies.base.DeltaStrategy`) when they exist.
 """
 
 from __future__ import annotations
@@ -75,6 +92,8 @@ from fedagg.fedau_baselines import (
 )
 from fedagg.registry import Param
 from strategies.base import DeltaStrategy, reply_client_id
+from strategies.node_index import STATE_PREFIX as NODE_STATE_PREFIX
+from strategies.node_index import NodeIndex
 from strategies.registry import register
 
 __all__ = [
@@ -88,17 +107,6 @@ __all__ = [
 
 #: Flower numbers rounds from 1.
 FIRST_ROUND = 1
-
-
-def _client_ids(client_ids: Sequence[int], num_clients: int) -> np.ndarray:
-    ids = np.asarray(list(client_ids), dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_clients):
-        raise ValueError(
-            f"client ids must be partition ids in [0, {num_clients}) (num_clients = N); got "
-            f"{ids[(ids < 0) | (ids >= num_clients)].tolist()[:5]}. Run through the fedagg engines "
-            "or map Flower node ids to partition ids first."
-        )
-    return ids
 
 
 def _scalar(state: dict[str, np.ndarray], key: str) -> int:
@@ -118,20 +126,46 @@ class PopulationStrategy(DeltaStrategy):
     ----------
     num_clients : int
         ``N``, the total population.
+    node_ids : sequence of int or None (default None)
+        The Flower node id of each client row ``0 … N−1`` (see "Client ids" in the module
+        docstring); None assigns rows as nodes first reply (``assign_rows``) or requires node
+        id == row.
     **kwargs
         :class:`~strategies.base.DeltaStrategy` parameters (``server_lr``, ``clients_per_round``,
-        ``seed``, ``min_replies``, ``max_update_norm``).
+        ``seed``, ``min_replies``, ``max_update_norm``, the server optimiser).
     """
 
-    def __init__(self, *, num_clients: int, **kwargs: Any) -> None:
+    #: Without ``node_ids``, give unknown nodes a row on first reply (False: node id must be the row).
+    assign_rows = True
+
+    def __init__(self, *, num_clients: int, node_ids: Sequence[int] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if int(num_clients) != num_clients or num_clients < 1:
             raise ValueError(f"num_clients must be an integer >= 1, got {num_clients}")
         self.num_clients = int(num_clients)
+        self.node_index = NodeIndex(self.num_clients, node_ids, assign=self.assign_rows)
+
+    def rows(self, client_ids: Sequence[int]) -> np.ndarray:
+        """Rows ``(n,) int64`` in ``[0, N)`` of the replies' node ids (assigned if new)."""
+        return self.node_index.lookup(client_ids)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Base state (server optimiser) plus the node → row assignment (``clients.*``)."""
+        out = super().state_dict()
+        out.update(self.node_index.state_dict())
+        return out
+
+    def load_base_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rest = super().load_base_state(state)
+        self.node_index.load_state_dict(
+            {k: v for k, v in rest.items() if k.startswith(NODE_STATE_PREFIX)})
+        return {k: v for k, v in rest.items() if not k.startswith(NODE_STATE_PREFIX)}
 
     def summary(self) -> None:
-        log(INFO, "\t├──> %s: N=%d, server_lr=%s, clients_per_round=%s, seed=%d",
-            type(self).__name__, self.num_clients, self.server_lr, self.clients_per_round, self.seed)
+        log(INFO, "\t├──> %s: N=%d, %s, clients_per_round=%s, seed=%d",
+            type(self).__name__, self.num_clients, self.describe_server_step(),
+            self.clients_per_round, self.seed)
 
 
 # ---------------------------------------------------------------------------------------- FedAU
@@ -176,7 +210,7 @@ class FedAUStrategy(PopulationStrategy):
         return self.estimator.cutoff
 
     def _record(self, server_round: int, client_ids: Sequence[int]) -> np.ndarray:
-        ids = _client_ids(client_ids, self.num_clients)
+        ids = self.rows(client_ids)
         self.last_weights = self.estimator.step(server_round, ids)
         return self.last_weights
 
@@ -214,6 +248,7 @@ class FedAUStrategy(PopulationStrategy):
         """The estimator state (see the module docstring) plus the derived ``fedau.weights``."""
         st = self.estimator.state_dict()
         return {
+            **super().state_dict(),
             "fedau.interval_sum": st["interval_sum"],
             "fedau.interval_count": st["interval_count"],
             "fedau.last_participation": st["last_participation"],
@@ -226,6 +261,7 @@ class FedAUStrategy(PopulationStrategy):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore :meth:`state_dict` output (same ``N`` and ``cutoff``; ``ValueError`` else)."""
+        state = self.load_base_state(state)
         cutoff = _scalar(state, "fedau.cutoff")
         self.estimator.load_state_dict({
             "interval_sum": state["fedau.interval_sum"],
@@ -238,8 +274,8 @@ class FedAUStrategy(PopulationStrategy):
         self.server_round = _scalar(state, "fedau.server_round")
 
     def summary(self) -> None:
-        log(INFO, "\t├──> FedAU: N=%d, cutoff K=%s, server_lr=%s, clients_per_round=%s",
-            self.num_clients, self.cutoff or "∞", self.server_lr, self.clients_per_round)
+        log(INFO, "\t├──> FedAU: N=%d, cutoff K=%s, %s, clients_per_round=%s",
+            self.num_clients, self.cutoff or "∞", self.describe_server_step(), self.clients_per_round)
 
 
 # ------------------------------------------------------------------------- stateless baselines
@@ -272,8 +308,13 @@ class KnownProbStrategy(PopulationStrategy):
     Parameters
     ----------
     probabilities : (N,) sequence of float in (0, 1]
-        ``p_n``; the runner passes the run's participation probabilities.
+        ``p_n``; the runner passes the run's participation probabilities. Entry ``i`` belongs
+        to node ``node_ids[i]``, or, without ``node_ids``, to node id ``i`` (the fedagg engines'
+        node ids are ``0 … N−1``; in another Flower app pass ``node_ids``, e.g.
+        ``sorted(grid.get_node_ids())``). A reply from another node is a ``ValueError``.
     """
+
+    assign_rows = False
 
     def __init__(self, *, num_clients: int, probabilities: Sequence[float], **kwargs: Any) -> None:
         super().__init__(num_clients=num_clients, **kwargs)
@@ -289,7 +330,7 @@ class KnownProbStrategy(PopulationStrategy):
     def aggregate_deltas(self, server_round: int, deltas: np.ndarray, num_examples: np.ndarray,
                          client_ids: list[int]) -> np.ndarray:
         del server_round, num_examples
-        ids = _client_ids(client_ids, self.num_clients)
+        ids = self.rows(client_ids)
         return known_prob(deltas, self.probabilities[ids], self.num_clients)
 
 
@@ -315,7 +356,7 @@ class _MemoryStrategy(PopulationStrategy):
     def aggregate_deltas(self, server_round: int, deltas: np.ndarray, num_examples: np.ndarray,
                          client_ids: list[int]) -> np.ndarray:
         del server_round, num_examples
-        ids = _client_ids(client_ids, self.num_clients)
+        ids = self.rows(client_ids)
         step = self._memory(deltas.shape[1]).step(ids, deltas)
         self.seen[ids] = True
         return step
@@ -325,11 +366,14 @@ class _MemoryStrategy(PopulationStrategy):
         return {"memory_filled": float(self.seen.mean())}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        if self.memory is None:
-            return {}
-        return {f"{self.key}.memory": self.memory.memory.copy(), f"{self.key}.seen": self.seen.copy()}
+        out = super().state_dict()
+        if self.memory is not None:
+            out[f"{self.key}.memory"] = self.memory.memory.copy()
+            out[f"{self.key}.seen"] = self.seen.copy()
+        return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        state = self.load_base_state(state)
         if not state:
             self.memory, self.seen = None, np.zeros(self.num_clients, dtype=bool)
             return
@@ -372,9 +416,15 @@ _SELECTS_ALL = (" Trains every available client (clients_per_round null); Δ = l
                 "global += server_lr · aggregate.")
 
 
+#: Row of each Flower node in the per-client state (module docstring, "Client ids").
+_NODE_IDS = Param("node_ids", list, None, "Flower node id of each client row 0..N-1 (null: node ids "
+                  "0..N-1 as in the fedagg engines, else rows by first reply; known-p: in the order "
+                  "of probabilities)", nullable=True)
+
+
 @register("fedau",
           params=[Param("cutoff", int, None, "cut-off K of the participation intervals (null: ∞)",
-                        low=1, nullable=True)],
+                        low=1, nullable=True), _NODE_IDS],
           doc="FedAU (arXiv 2306.03401): (1/N) Σ_{S_t} ω_n Δ_n with ω_n ≈ 1/p_n estimated online "
               "from participation intervals." + _SELECTS_ALL)
 def build_fedau(**params: Any) -> FedAUStrategy:
@@ -398,7 +448,7 @@ def build_fedavg_all(**params: Any) -> AverageAllStrategy:
 @register("known-p",
           params=[Param("probabilities", list, None,
                         "true participation probabilities p_n (filled in by the runner)",
-                        nullable=True)],
+                        nullable=True), _NODE_IDS],
           doc="(1/N) Σ_{S_t} Δ_n / p_n with the true p_n (oracle FedAU baseline)." + _SELECTS_ALL)
 def build_known_p(probabilities: list[float] | None, **params: Any) -> KnownProbStrategy:
     if probabilities is None:
@@ -408,14 +458,14 @@ def build_known_p(probabilities: list[float] | None, **params: Any) -> KnownProb
     return KnownProbStrategy(probabilities=probabilities, **params)
 
 
-@register("mifa",
+@register("mifa", params=[_NODE_IDS],
           doc="MIFA (arXiv 2106.04159): mean over all N of each client's latest delta; (N, d) "
               "memory." + _SELECTS_ALL)
 def build_mifa(**params: Any) -> MIFAStrategy:
     return MIFAStrategy(**params)
 
 
-@register("fedvarp",
+@register("fedvarp", params=[_NODE_IDS],
           doc="FedVarp (arXiv 2207.14130): SAGA-style correction with each client's latest delta; "
               "(N, d) memory." + _SELECTS_ALL)
 def build_fedvarp(**params: Any) -> FedVarpStrategy:

@@ -120,7 +120,9 @@ class MergeStrategy(DeltaStrategy):
     """Base of the merging rules: ``θ ← θ + server_lr · (merge(θ_1..θ_K) − θ)``.
 
     Subclasses implement :meth:`merge_models`, which returns the merged model (or None to keep
-    the global model this round) and round metrics. Non-finite merges are never applied.
+    the global model this round) and round metrics. Non-finite merges are never applied. The
+    server optimiser of :class:`~strategies.base.DeltaStrategy` (momentum, weight decay, step
+    decay of ``server_lr``) applies to the aggregate ``θ̂ − θ``.
     """
 
     def merge_models(
@@ -141,11 +143,19 @@ class MergeStrategy(DeltaStrategy):
         metrics.update(extra)
         if merged is None:
             return None, MetricRecord(metrics)
-        new = apply_merge(g, merged, self.server_lr)
+        buffer = None
+        if self.uses_server_optimizer:  # heavy ball / weight decay on the aggregate θ̂ − θ
+            layout = Layout.of(g)
+            flat = layout.flatten(g)
+            step, buffer = self.server_step(server_round, flat, layout.flatten(merged) - flat)
+            new = layout.unflatten(step)
+        else:
+            new = apply_merge(g, merged, self.server_lr_at(server_round))
         if not all(np.all(np.isfinite(v)) for v in new.values()):
             log(INFO, "round %d: merged model is not finite; global model kept", server_round)
             metrics["aggregate_nonfinite"] = 1
             return None, MetricRecord(metrics)
+        self.commit_step(buffer)
         return to_record(new), MetricRecord(metrics)
 
 
@@ -393,13 +403,14 @@ class TemporalSoup(DeltaStrategy):
         return self._soup_record(arrays)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        if self.soup is None:
-            return {"count": np.array([0], dtype=np.int64)}
-        state = {f"soup/{k}": v.copy() for k, v in self.soup.items()}
+        state = super().state_dict()  # the server optimiser's buffer, if any
         state["count"] = np.array([self.count], dtype=np.int64)  # (1,): safetensors-friendly
+        if self.soup is not None:
+            state.update({f"soup/{k}": v.copy() for k, v in self.soup.items()})
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        state = self.load_base_state(state)
         if "count" not in state:
             raise ValueError(f"temporal-soup state needs 'count', got keys {sorted(state)}")
         self.count = int(np.asarray(state["count"]).reshape(-1)[0])

@@ -23,9 +23,34 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("max_update_norm", float, None, "reject updates with ‖local − global‖ above this",
           low=0.0, low_open=True, nullable=True),
 )
-COMMON_NAMES = frozenset(p.name for p in COMMON_PARAMS)
+#: The server optimiser of every delta strategy (``strategies.base.DeltaStrategy``): run-level too,
+#: but only declared by strategies that honour them (Flower's own rules do not; setting one there
+#: is a ConfigError).
+SERVER_OPTIMIZER_PARAMS: tuple[Param, ...] = (
+    Param("server_momentum", float, None, "heavy-ball momentum m on the aggregate: "
+          "v = m·v + aggregate, global += η_t·v (null: 0)", low=0.0, high=1.0, high_open=True,
+          nullable=True),
+    Param("server_weight_decay", float, None, "server weight decay λ: the aggregate gets −λ·global "
+          "(torch SGD's weight_decay; null: 0)", low=0.0, nullable=True),
+    Param("server_lr_decay", float, None, "step decay: η_t = server_lr · decay^⌊(t−1)/every⌋ "
+          "(with server_lr_decay_every; null: constant)", low=0.0, low_open=True, high=1.0,
+          nullable=True),
+    Param("server_lr_decay_every", int, None, "rounds between server_lr decays (with "
+          "server_lr_decay)", low=1, nullable=True),
+)
+SERVER_OPTIMIZER_NAMES = frozenset(p.name for p in SERVER_OPTIMIZER_PARAMS)
+COMMON_NAMES = frozenset(p.name for p in (*COMMON_PARAMS, *SERVER_OPTIMIZER_PARAMS))
 
 
-def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), doc: str = ""):
-    """Register a strategy factory under ``name`` with the common params plus ``params``."""
-    return REGISTRY.register(name, params=[*COMMON_PARAMS, *params], doc=doc)
+def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), doc: str = "",
+             server_optimizer: bool = True):
+    """Register a strategy factory under ``name`` with the common params plus ``params``.
+
+    ``server_optimizer=False`` for strategies whose server step is not ours (Flower's rules): they
+    do not declare :data:`SERVER_OPTIMIZER_PARAMS` (a strategy's own ``params`` may declare one it
+    honours in its own way, e.g. fedavgm's ``server_momentum``).
+    """
+    common = [*COMMON_PARAMS, *(SERVER_OPTIMIZER_PARAMS if server_optimizer else ())]
+    own = {p.name for p in params}
+    return REGISTRY.register(name, params=[*(p for p in common if p.name not in own), *params],
+                             doc=doc)

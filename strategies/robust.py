@@ -13,8 +13,9 @@ A client update is ``Δ_k = local_k − global`` (clients reply with their local
 subtracts the model it broadcast); the rule maps the ``(n, d)`` matrix of the deltas that passed the
 shared validation step (non-finite, wrong-shape and absurd updates are rejected there, logged with the
 client id and counted in ``rejected``) to one ``(d,)`` aggregate, and the server applies
-``global += server_lr · aggregate``. A non-finite aggregate is refused by :class:`DeltaStrategy`,
-so NaN/Inf never reach the global model.
+``global += server_lr · aggregate`` (or a step of the server optimiser of :class:`DeltaStrategy`:
+momentum, weight decay, step decay of ``server_lr``). A non-finite aggregate is refused by
+:class:`DeltaStrategy`, so NaN/Inf never reach the global model.
 
 How ``strategy_args`` map to the rule:
 
@@ -222,16 +223,19 @@ class RobustStrategy(DeltaStrategy):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, np.ndarray]:
         """The rule's state (``{}`` for stateless rules), e.g. ``{"v": (d,)}`` for centered
-        clipping or ``{"0:bucketing.rng": ...}`` in a chain (see ``Pipeline.state_dict``)."""
-        return {k: np.asarray(v) for k, v in self.rule.state_dict().items()}
+        clipping or ``{"0:bucketing.rng": ...}`` in a chain (see ``Pipeline.state_dict``), plus
+        the server optimiser's ``server_opt.momentum``."""
+        out = super().state_dict()
+        out.update({k: np.asarray(v) for k, v in self.rule.state_dict().items()})
+        return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore :meth:`state_dict` output."""
-        self.rule.load_state_dict(dict(state))
+        self.rule.load_state_dict(self.load_base_state(dict(state)))
 
     def summary(self) -> None:  # pragma: no cover - logging only
-        log(INFO, "\t├──> RobustStrategy: %s, f=%d, server_lr=%s", self.rule.summary(), self.f,
-            self.server_lr)
+        log(INFO, "\t├──> RobustStrategy: %s, f=%d, %s", self.rule.summary(), self.f,
+            self.describe_server_step())
 
 
 # ---------------------------------------------------------------------------------- registration

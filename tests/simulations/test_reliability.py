@@ -20,8 +20,11 @@ from simulations.runner import RunError, Simulation
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: Strategies whose kill/resume round trip is checked (the issue names these four).
-RESUME_STRATEGIES = ["fedavg", "fedau", "flag", "mifa"]
+#: Strategies whose kill/resume round trip is checked (the issue names these four), plus
+#: fedavg with the server optimiser (its momentum buffer is strategy state).
+RESUME_STRATEGIES = ["fedavg", "fedau", "flag", "mifa", "fedavg+server-optimizer"]
+SERVER_OPTIMIZER = ["--server-momentum", "0.9", "--server-weight-decay", "5e-4",
+                    "--server-lr-decay", "0.5", "--server-lr-decay-every", "3"]
 
 
 def csv_without_time(run_dir: Path) -> list[list[str]]:
@@ -35,7 +38,9 @@ def cli(*args: str) -> list[str]:
 
 
 def run_args(strategy: str, out: Path) -> list[str]:
-    args = ["--strategy", strategy, "--engine", "inline", "--rounds", "8", "--num-clients", "6",
+    strategy, _, variant = strategy.partition("+")
+    args = SERVER_OPTIMIZER if variant == "server-optimizer" else []
+    args = [*args, "--strategy", strategy, "--engine", "inline", "--rounds", "8", "--num-clients", "6",
             "--model", "cnn", "--local-steps", "15", "--out", str(out), "--checkpoint-every", "2",
             "participation.process=bernoulli", "participation.probabilities.kind=constant",
             "participation.probabilities.p=0.7", "dataset_args.num_samples=1200"]
@@ -47,7 +52,7 @@ def run_args(strategy: str, out: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", RESUME_STRATEGIES)
 def test_kill_9_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(strategy, tmp_path) -> None:
-    assert strategy in strategies.names()
+    assert strategy.partition("+")[0] in strategies.names()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     full, part = tmp_path / "full", tmp_path / "part"
     subprocess.run(cli(*run_args(strategy, full)), check=True, cwd=REPO, env=env,

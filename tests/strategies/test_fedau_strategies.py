@@ -240,10 +240,80 @@ def test_rounds_below_min_replies_keep_the_model_but_count_for_the_estimator():
     assert mifa.state_dict() == {}  # a discarded round leaves the memory untouched
 
 
-def test_client_ids_must_be_partition_ids():
-    s = strategies.build("fedau", num_clients=3)
-    with pytest.raises(ValueError, match=r"partition ids in \[0, 3\)"):
-        play_round(s, 1, np.zeros(1), [7], shift_by({7: np.array([1.0])}))
+BIG = [2**64 - 1, 2**63 + 5, 2**40, 17]  # Flower node ids: arbitrary unsigned 64-bit integers
+
+
+@pytest.mark.parametrize("name", ["fedau", "mifa", "fedvarp"])
+def test_flower_node_ids_get_stable_rows(name):
+    """Any node ids work: rows by first reply (ascending id within a round), kept across rounds;
+    the run equals the one with node ids 0..N−1 in that order, and a fifth node is an error."""
+    n = 4
+    order = [BIG[2], BIG[0], BIG[3], BIG[1]]  # row k ↔ order[k]
+    trace = [[BIG[2], BIG[0]], [BIG[3]], [BIG[0], BIG[1]], [BIG[1], BIG[2], BIG[3]], [BIG[3]]]
+    rng = np.random.default_rng(2)
+    deltas = [{nid: rng.normal(size=2) for nid in ids} for ids in trace]
+    a, b = strategies.build(name, num_clients=n), strategies.build(name, num_clients=n)
+    xa = xb = np.zeros(2)
+    row = {nid: k for k, nid in enumerate(order)}
+    for r, ids in enumerate(trace, start=1):
+        xa, _ = play_round(a, r, xa, ids, shift_by(deltas[r - 1]))
+        xb, _ = play_round(b, r, xb, [row[i] for i in ids],
+                           shift_by({row[i]: d for i, d in deltas[r - 1].items()}))
+        assert xa.tobytes() == xb.tobytes()
+    st = a.state_dict()
+    assert st["clients.node_id"].dtype == np.uint64
+    assert st["clients.node_id"].tolist() == order and st["clients.assigned"].all()
+    assert b.state_dict()["clients.node_id"].tolist() == [0, 1, 2, 3]  # node id k < N → row k
+    with pytest.raises(ValueError, match="more than num_clients=4"):
+        play_round(a, 6, xa, [12], shift_by({12: np.ones(2)}))
+
+
+def test_small_node_ids_keep_their_own_row_and_others_take_free_rows():
+    s = strategies.build("mifa", num_clients=4)
+    play_round(s, 1, np.zeros(1), [2, 2**50], shift_by({2: np.ones(1), 2**50: np.ones(1)}))
+    play_round(s, 2, np.zeros(1), [0, 3], shift_by({0: np.ones(1), 3: np.ones(1)}))
+    # 2 → row 2, 2**50 → row 0 (lowest free), 0 → row 1 (its own row is taken), 3 → row 3
+    assert s.state_dict()["clients.node_id"].tolist() == [2**50, 0, 2, 3]
+
+
+def test_explicit_node_ids_fix_the_rows():
+    ids = [BIG[1], BIG[0], BIG[3]]
+    p = [0.5, 0.25, 1.0]
+    s = strategies.build("known-p", num_clients=3, probabilities=p, node_ids=ids)
+    x1, _ = play_round(s, 1, np.zeros(1), [BIG[0], BIG[3]],
+                       shift_by({BIG[0]: np.array([1.0]), BIG[3]: np.array([2.0])}))
+    assert x1.tolist() == pytest.approx([(1.0 / 0.25 + 2.0 / 1.0) / 3])
+    assert s.state_dict() == {}  # the rows are configuration, not state
+    with pytest.raises(ValueError, match="not in node_ids"):
+        play_round(s, 2, x1, [BIG[2]], shift_by({BIG[2]: np.ones(1)}))
+    m = strategies.build("fedau", num_clients=3, node_ids=ids)
+    play_round(m, 1, np.zeros(1), [BIG[3]], shift_by({BIG[3]: np.ones(1)}))
+    assert m.state_dict()["fedau.interval_count"].tolist() == [0, 0, 1]
+    with pytest.raises(ConfigError, match="node_ids"):
+        strategies.build("mifa", num_clients=3, node_ids=[1, 2])
+    with pytest.raises(ConfigError, match="distinct"):
+        strategies.build("mifa", num_clients=2, node_ids=[5, 5])
+
+
+def test_known_p_without_node_ids_needs_client_ids():
+    s = strategies.build("known-p", num_clients=3, probabilities=[0.5, 0.5, 0.5])
+    play_round(s, 1, np.zeros(1), [0, 2], shift_by({0: np.ones(1), 2: np.ones(1)}))
+    with pytest.raises(ValueError, match="pass node_ids"):
+        play_round(s, 2, np.zeros(1), [BIG[0]], shift_by({BIG[0]: np.ones(1)}))
+
+
+def test_node_rows_survive_a_state_round_trip(tmp_path):
+    a = strategies.build("fedvarp", num_clients=3)
+    x = np.zeros(1)
+    x, _ = play_round(a, 1, x, [BIG[0], BIG[1]], shift_by({BIG[0]: np.ones(1), BIG[1]: 2 * np.ones(1)}))
+    save_arrays(tmp_path / "s.safetensors", a.state_dict())
+    b = strategies.build("fedvarp", num_clients=3)
+    b.load_state_dict(load_arrays(tmp_path / "s.safetensors"))
+    nxt = [BIG[2], BIG[0]]
+    xa, _ = play_round(a, 2, x, nxt, shift_by({BIG[2]: 3 * np.ones(1), BIG[0]: -np.ones(1)}))
+    xb, _ = play_round(b, 2, x, nxt, shift_by({BIG[2]: 3 * np.ones(1), BIG[0]: -np.ones(1)}))
+    assert xa.tobytes() == xb.tobytes()
+    assert b.state_dict()["clients.node_id"].tolist() == a.state_dict()["clients.node_id"].tolist()
 
 
 def test_known_p_needs_valid_probabilities():
