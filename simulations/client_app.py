@@ -257,7 +257,7 @@ class ClientRuntime:
                 raise ClientDropout(f"client {cid} dropped out in round {server_round} "
                                     f"(profile {self.profiles.of(cid)['name']!r})")
         faults = self.config.get("faults") or {}
-        if not faults:
+        if not any(faults.get(k) for k in ("crash_prob", "hang_prob", "hang", "kill_worker")):
             return
         here = [server_round, cid]
         if here in [list(p) for p in faults.get("kill_worker", [])]:

@@ -43,6 +43,11 @@ def _parse_npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
     return dtype, shape
 
 
+@functools.lru_cache(maxsize=256)
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype)
+
+
 def encode_array(array: np.ndarray) -> Array:
     """A Flower ``Array`` of ``array`` (C order), byte-identical to ``Array(array)``."""
     a = np.asarray(array, order="C")
@@ -50,7 +55,7 @@ def encode_array(array: np.ndarray) -> Array:
         raise TypeError("object arrays cannot travel in an ArrayRecord")
     shape = tuple(int(s) for s in a.shape)
     out = Array.__new__(Array)  # the public 4-field constructor, minus its argument juggling
-    out.__dict__.update(dtype=str(a.dtype), shape=shape, stype=_NUMPY_STYPE,
+    out.__dict__.update(dtype=_dtype_name(a.dtype), shape=shape, stype=_NUMPY_STYPE,
                         data=b"".join((npy_header(a.dtype.str, shape), a.reshape(-1).view(np.uint8))))
     return out
 
@@ -76,7 +81,10 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """An ArrayRecord holding ``arrays`` (order preserved)."""
-    return ArrayRecord(array_dict={k: encode_array(v) for k, v in arrays.items()})
+    record = ArrayRecord()  # filled item by item: ArrayRecord(array_dict=...) rebuilds every Array
+    for k, v in arrays.items():
+        record[k] = encode_array(v)
+    return record
 
 
 @dataclasses.dataclass(frozen=True)
