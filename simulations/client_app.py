@@ -256,17 +256,27 @@ class ClientRuntime:
             if p > 0 and numpy_rng(self.seed, "dropout", server_round, cid).random() < p:
                 raise ClientDropout(f"client {cid} dropped out in round {server_round} "
                                     f"(profile {self.profiles.of(cid)['name']!r})")
+        crash, hang, kill = self.faults(server_round, cid)
+        if kill:
+            os._exit(17)  # the worker process dies mid-task (as on an OOM kill)
+        if crash:
+            raise InjectedFault(f"injected crash of client {cid} in round {server_round}")
+        if hang:
+            time.sleep(float(self.config["faults"].get("hang_seconds", 3600.0)))
+
+    def faults(self, server_round: int, cid: int) -> tuple[bool, bool, bool]:
+        """``(crash, hang, kill_worker)``: which injected faults fire for ``cid`` in ``server_round``
+        (drawn from ``(seed, "fault", round, client)``, so engines can plan around a hang)."""
         faults = self.config.get("faults") or {}
         if not any(faults.get(k) for k in ("crash_prob", "hang_prob", "hang", "kill_worker")):
-            return
+            return False, False, False
         here = [server_round, cid]
-        if here in [list(p) for p in faults.get("kill_worker", [])]:
-            os._exit(17)  # the worker process dies mid-task (as on an OOM kill)
+        kill = here in [list(p) for p in faults.get("kill_worker", [])]
         u = numpy_rng(self.seed, "fault", server_round, cid).random(2)
-        if u[0] < float(faults.get("crash_prob", 0.0)):
-            raise InjectedFault(f"injected crash of client {cid} in round {server_round}")
-        if here in [list(p) for p in faults.get("hang", [])] or u[1] < float(faults.get("hang_prob", 0.0)):
-            time.sleep(float(faults.get("hang_seconds", 3600.0)))
+        crash = bool(u[0] < float(faults.get("crash_prob", 0.0)))
+        hang = not crash and (here in [list(p) for p in faults.get("hang", [])]
+                              or bool(u[1] < float(faults.get("hang_prob", 0.0))))
+        return crash, hang, kill
 
     def handle_train(self, msg: Message, context: Context) -> Message:
         cid = client_id(context)

@@ -208,7 +208,8 @@ def run_on_engine(sim: Simulation, engine: str | None = None) -> ArrayRecord:
     if engine == "ray":
         with ray_session(cfg.ray) as ray:
             executor = RayExecutor(sim.client_app(), n, worker_pools(ray, sim),
-                                   pool_of=table.index if cfg.profiles else None, batch_limit=limit)
+                                   pool_of=table.index if cfg.profiles else None, batch_limit=limit,
+                                   alone=lambda job: any(sim.runtime.faults(_round_of(job), job.client_id)[1:]))
             grid = SimGrid(n, executor, work=work)
             try:
                 return sim.serve(grid)
@@ -217,6 +218,12 @@ def run_on_engine(sim: Simulation, engine: str | None = None) -> ArrayRecord:
     if engine == "flower":
         return run_with_flower(sim)
     raise ValueError(f"unknown engine {engine!r}")
+
+
+def _round_of(job: Any) -> int:
+    """The server round a train job belongs to (its ConfigRecord's ``server-round``)."""
+    config = job.message.content.config_records.get("config")
+    return int(config.get("server-round", 0)) if config is not None else 0
 
 
 def partition_map(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:

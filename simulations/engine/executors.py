@@ -119,17 +119,20 @@ def run_clients(app: ClientApp, messages: list[Message], client_ids: list[int], 
 
 
 def plan_chunks(jobs: list[Job], batch_limit: int | None,
-                pool_of: Callable[[int], int] | None = None) -> list[list[Job]]:
+                pool_of: Callable[[int], int] | None = None,
+                alone: Callable[[Job], bool] | None = None) -> list[list[Job]]:
     """Cut jobs into the calls a worker serves: with ``batch_limit``, train jobs that share a
     broadcast (and a worker pool) are sorted by client id and cut into ``ceil(n / batch_limit)``
-    near-equal chunks, each one batched computation; every other job is a chunk of its own.
-    The cut depends only on the jobs, never on the engine or its worker count, so a client's
-    batch (and its floating-point result) is the same on every engine."""
+    near-equal chunks, each one batched computation; every other job, and every job ``alone``
+    picks (a client whose injected hang or worker kill fires: it takes down only itself, as a
+    hung or crashed device would), is a chunk of its own. The cut depends only on the jobs, never on the engine or its worker
+    count, so a client's batch (and its floating-point result) is the same on every engine."""
     pool_of = pool_of or (lambda cid: 0)
     groups: dict[tuple[int, int], list[Job]] = {}
     chunks: list[list[Job]] = []
     for job in jobs:
-        if batch_limit is not None and job.message.metadata.message_type == MessageType.TRAIN:
+        if (batch_limit is not None and job.message.metadata.message_type == MessageType.TRAIN
+                and not (alone is not None and alone(job))):
             groups.setdefault((pool_of(job.client_id), id(job.message.content)), []).append(job)
         else:
             chunks.append([job])
@@ -265,7 +268,8 @@ class RayExecutor:
 
     def __init__(self, app: ClientApp, num_clients: int, pools: list[WorkerPool], *,
                  pool_of: Callable[[int], int] | None = None, depth: int = 2,
-                 chunks_per_worker: int = 2, batch_limit: int | None = None) -> None:
+                 chunks_per_worker: int = 2, batch_limit: int | None = None,
+                 alone: Callable[[Job], bool] | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -274,6 +278,7 @@ class RayExecutor:
         self.depth = depth
         self.chunks_per_worker = chunks_per_worker
         self.batch_limit = batch_limit
+        self.alone = alone
         self.pools = pools
         self._pool_of = pool_of or (lambda cid: 0)
         cls = _worker_class()
@@ -308,7 +313,7 @@ class RayExecutor:
             if key not in self._content_refs:
                 self._content_refs[key] = self._ray.put(job.message.content)
         if self.batch_limit is not None:
-            chunks = plan_chunks(jobs, self.batch_limit, self._pool_of)
+            chunks = plan_chunks(jobs, self.batch_limit, self._pool_of, self.alone)
             for chunk in sorted(chunks, key=lambda c: -sum(j.work for j in c)):
                 self._queues[self._pool_of(chunk[0].client_id)].append(chunk)
             self._pump()

@@ -100,9 +100,12 @@ def test_gpu_profile_without_gpu_is_refused_unless_optional(tmp_path) -> None:
         def cluster_resources():
             return {"CPU": 2.0}
 
-    def sim(gpu: str):
+    made = iter(range(100))
+
+    def sim(gpu: str):  # each Simulation gets its own new run directory
         cfg = load_config(None, {"engine": "ray", "num_clients": 6, "model": "mlp",
-                                 "dataset_args": {"num_samples": 600}, "out": str(tmp_path / gpu),
+                                 "dataset_args": {"num_samples": 600},
+                                 "out": str(tmp_path / f"{gpu}-{next(made)}"),
                                  "profiles": [{"name": "gpu", "count": 2, "num_gpus": 0.25, "gpu": gpu},
                                               {"name": "ssd", "count": 2, "resources": {"slow_worker": 1}}]})
         return Simulation(cfg)
