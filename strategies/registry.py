@@ -6,6 +6,8 @@ runner from the top-level config) plus its own declared knobs (``strategy_args``
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.serverapp.strategy import Strategy
 
 from fedagg.registry import Param, Registry
@@ -26,6 +28,31 @@ COMMON_PARAMS: tuple[Param, ...] = (
 COMMON_NAMES = frozenset(p.name for p in COMMON_PARAMS)
 
 
-def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), doc: str = ""):
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What a strategy needs from the run beyond its parameters (checked when a config loads).
+
+    ``models``: the model kinds it works with (empty: any); the first is selected when the run
+    config does not set ``model``. ``participation``: it compensates unequal client participation,
+    so it is pointless when every client takes part in every round.
+    """
+
+    models: tuple[str, ...] = ()
+    participation: bool = False
+
+
+#: Strategy name → its :class:`Needs` (strategies that need nothing are absent).
+NEEDS: dict[str, Needs] = {}
+
+
+def needs(name: str) -> Needs:
+    """The :class:`Needs` of strategy ``name`` (``Needs()`` when it declared none)."""
+    return NEEDS.get(name, Needs())
+
+
+def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), doc: str = "",
+             needs: Needs | None = None):
     """Register a strategy factory under ``name`` with the common params plus ``params``."""
+    if needs is not None:
+        NEEDS[name] = needs
     return REGISTRY.register(name, params=[*COMMON_PARAMS, *params], doc=doc)
