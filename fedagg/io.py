@@ -39,3 +39,25 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
             os.unlink(tmp)
         raise
     return path
+
+
+def cannot_create_dir(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be (or be used as) a writable directory, or None when it can.
+
+    Finds the nearest existing ancestor (``path`` itself if it exists): it must be a directory in
+    which a directory can be created, which is tested by creating and removing an empty temporary
+    directory there (permission bits alone do not tell, e.g. for root under ``/proc``). Nothing is
+    left on disk.
+    """
+    target = Path(os.path.abspath(path))
+    base = target
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        return f"{base} is a file, not a directory"
+    try:
+        probe = tempfile.mkdtemp(dir=base, prefix=".fedagg-probe-")
+    except OSError as exc:
+        return f"cannot create a directory in {base} ({exc.strerror or type(exc).__name__})"
+    os.rmdir(probe)
+    return None

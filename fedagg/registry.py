@@ -19,6 +19,7 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -116,14 +117,19 @@ def _coerce(value: Any, typ: type, field: str) -> Any:
     if typ is float:
         if isinstance(value, bool):
             raise ConfigError(field, f"expected a number, got {value!r}")
+        number: float | None = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(field, f"expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(field, f"expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(field, f"must be a finite number, got {value!r}")
+        return number
     if typ is str:
         if isinstance(value, str):
             return value

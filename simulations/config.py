@@ -1,8 +1,13 @@
 """One schema for a run: YAML config files and CLI overrides are validated against it.
 
 ``load_config(path, overrides)`` merges (defaults ← YAML file ← ``--flag`` / ``key=value``
-overrides), validates types, ranges and names (strategy, dataset, partition, model, engine and their
-declared parameters), and raises :class:`fedagg.errors.ConfigError` naming the offending key.
+overrides), validates types, ranges and names (strategy, dataset, partition, model, engine,
+participation process, attack, aggregator and their declared parameters), and raises
+:class:`fedagg.errors.ConfigError` naming the offending key. Also refused at load: non-finite numbers,
+settings that would do nothing (an attack without Byzantine clients or the reverse, ``local_steps``
+0, ``server_lr`` 0), a model the strategy cannot use (a strategy that needs a model kind selects it
+when ``model`` is not set), and what the strategy's constructor rejects (it is built once).
+:func:`config_warnings` names valid settings that make the strategy pointless.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedagg.errors import ConfigError, unknown_name
 
@@ -22,7 +27,8 @@ ENGINES = ("auto", "ray", "flower", "inline")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a non-finite number (``lr=inf``, ``momentum=nan``) is bad input
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ParticipationConfig(_Strict):
@@ -172,6 +178,18 @@ class RunConfig(_Strict):
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     out: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_selects_model(cls, data: Any) -> Any:
+        """A strategy that needs a model kind (``fedins``) selects it when ``model`` is not set."""
+        if isinstance(data, dict) and "model" not in data and isinstance(data.get("strategy"), str):
+            from strategies.registry import needs
+
+            models = needs(data["strategy"]).models
+            if models:
+                return {**data, "model": models[0]}
+        return data
+
     def run_dir(self) -> Path:
         """``out``, or ``runs/<strategy>-<timestamp>`` when unset."""
         if self.out:
@@ -185,6 +203,17 @@ class RunConfig(_Strict):
         if self.alpha is not None:
             args["alpha"] = self.alpha
         return args
+
+
+def config_default(key: str) -> Any:
+    """The schema default of a (dotted) config key, e.g. ``participation.process`` → ``always``."""
+    model: Any = RunConfig
+    value: Any = None
+    for part in key.split("."):
+        field = model.model_fields[part]
+        value = field.get_default(call_default_factory=True)
+        model = field.annotation
+    return value
 
 
 # ------------------------------------------------------------------------------ errors
@@ -280,6 +309,7 @@ def validate(cfg: RunConfig) -> None:
     from fedagg.data import DATASETS, PARTITIONERS
     from fedagg.models import MODELS
     from strategies.base import check_lr_decay
+    from strategies.registry import needs
 
     if cfg.clients_per_round is not None and cfg.clients_per_round > cfg.num_clients:
         raise ConfigError(
@@ -292,6 +322,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"strategy_args.{clash[0]}", f"set the top-level key `{clash[0]}` instead")
     check_lr_decay(cfg.server_lr_decay, cfg.server_lr_decay_every)
     entry.resolve(strategy_params(cfg), where="strategy_args")
+    _validate_no_ops(cfg)
     if not cfg.dataset.startswith("hf:") and cfg.dataset not in DATASETS:
         raise unknown_name("dataset", cfg.dataset, [*DATASETS.names(), "hf:<name>"])
     part = PARTITIONERS.entry(cfg.partition, field="partition")
@@ -300,6 +331,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("alpha", f"only used by partition {', '.join(users)}; partition is {cfg.partition!r}")
     part.resolve(cfg.resolved_partition_args(), where="partition_args")
     MODELS.entry(cfg.model, field="model").resolve(cfg.model_args, where="model_args")
+    wanted = needs(cfg.strategy).models
+    if wanted and cfg.model not in wanted:
+        raise ConfigError("model", f"strategy {cfg.strategy!r} needs model {' or '.join(wanted)}, got "
+                          f"{cfg.model!r}; leave model unset and the strategy selects it")
+    _validate_participation(cfg)
     if cfg.num_byzantine >= cfg.num_clients and cfg.num_byzantine > 0:
         raise ConfigError("num_byzantine", f"must be < num_clients={cfg.num_clients}")
     hangs = cfg.faults.hang_prob > 0 or bool(cfg.faults.hang)
@@ -311,13 +347,81 @@ def validate(cfg: RunConfig) -> None:
     bad = [c for _, c in [*cfg.faults.hang, *cfg.faults.kill_worker] if not 0 <= c < cfg.num_clients]
     if bad:
         raise ConfigError("faults", f"client ids must be in 0..{cfg.num_clients - 1}, got {bad[0]}")
-    if cfg.attack is None and cfg.num_byzantine > 0:
-        raise ConfigError("attack", "num_byzantine > 0 needs an attack (e.g. --attack alie)")
     _validate_profiles(cfg)
-    if cfg.attack is not None:
-        from simulations.byzantine import validate_attack
+    _validate_attack(cfg)
+    _build_strategy(cfg)
 
-        validate_attack(cfg)  # attack name and attack_args.<key>
+
+def _validate_no_ops(cfg: RunConfig) -> None:
+    """Settings under which the run would train nothing or never move the global model."""
+    if cfg.local_steps == 0 and not any(p.local_steps for p in cfg.profiles):
+        raise ConfigError("local_steps", "must be >= 1: with 0 local steps clients send back the "
+                          "model they received and the run learns nothing")
+    if cfg.server_lr == 0:
+        raise ConfigError("server_lr", "must be > 0: with server_lr 0 the global model never "
+                          "changes (1.0 applies the aggregate as is)")
+
+
+def _validate_attack(cfg: RunConfig) -> None:
+    """``attack``, ``attack_args`` and ``num_byzantine`` only make sense together."""
+    from fedagg import attacks
+
+    if cfg.attack is None:
+        if cfg.num_byzantine > 0:
+            raise ConfigError("attack", f"num_byzantine={cfg.num_byzantine} needs an attack for the "
+                              f"Byzantine clients; set --attack (one of {', '.join(attacks.names())})")
+        if cfg.attack_args:
+            raise ConfigError("attack_args", "set without an attack; set --attack too, or drop attack_args")
+        return
+    attacks.REGISTRY.entry(cfg.attack, field="attack")
+    if cfg.num_byzantine == 0:
+        raise ConfigError("num_byzantine", f"attack {cfg.attack!r} needs Byzantine clients; set "
+                          f"--num-byzantine (1 to {max(1, cfg.num_clients - 1)})")
+    from simulations.byzantine import validate_attack
+
+    validate_attack(cfg)  # attack_args.<key>, and a dry run of the attack
+
+
+def _validate_participation(cfg: RunConfig) -> None:
+    """The participation process, its arguments and the kind of its probabilities."""
+    from fedagg.participation import PROBABILITIES, PROCESSES
+
+    part = cfg.participation
+    PROCESSES.entry(part.process, field="participation.process").resolve(part.args, where="participation.args")
+    if part.process != "always":
+        spec = dict(part.probabilities)
+        kind = spec.pop("kind", None)
+        if kind is None:
+            raise ConfigError("participation.probabilities.kind",
+                              f"required; allowed: {', '.join(PROBABILITIES.names())}")
+        PROBABILITIES.entry(kind, field="participation.probabilities.kind").resolve(
+            spec, where="participation.probabilities")
+
+
+def _build_strategy(cfg: RunConfig) -> None:
+    """Build the strategy once, so that what only its constructor checks (an aggregator chain, a
+    rule that cannot run with this many clients) fails now. Strategies that need what only the run
+    provides (a validation split, the true participation probabilities) are built by the runner."""
+    import strategies
+
+    entry = strategies.REGISTRY.entry(cfg.strategy)
+    params = strategy_build_params(cfg)
+    if entry.param("validation") is not None or (
+            entry.param("probabilities") is not None and params.get("probabilities") is None):
+        return
+    strategies.build(cfg.strategy, **params)
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """Valid settings that make the chosen strategy pointless, one line each (for stderr)."""
+    from strategies.registry import needs
+
+    out = []
+    if needs(cfg.strategy).participation and cfg.participation.process == "always":
+        out.append(f"strategy {cfg.strategy!r} compensates unequal client participation, but "
+                   "participation is 'always' (every client, every round): it reduces to an "
+                   "unweighted FedAvg; set --participation bernoulli (or markov, cyclic)")
+    return out
 
 
 def _validate_profiles(cfg: RunConfig) -> None:
@@ -363,6 +467,17 @@ def strategy_params(cfg: RunConfig) -> dict[str, Any]:
             raise ConfigError("aggregator", f"strategy {cfg.strategy!r} has no aggregator to choose")
         params["aggregator"] = cfg.aggregator
     params.update(cfg.strategy_args)
+    return params
+
+
+def strategy_build_params(cfg: RunConfig) -> dict[str, Any]:
+    """:func:`strategy_params` plus the run's ``num_byzantine`` for a strategy that declares it
+    (robust rules: the default ``f``) and does not set it in ``strategy_args``."""
+    import strategies
+
+    params = strategy_params(cfg)
+    if strategies.REGISTRY.entry(cfg.strategy).param("num_byzantine") is not None:
+        params.setdefault("num_byzantine", cfg.num_byzantine)
     return params
 
 

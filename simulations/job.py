@@ -57,12 +57,14 @@ _CHUNK = 4096
 @dataclasses.dataclass
 class ResolvedRun:
     """What a job will run: ``argv`` for ``simulations.run``, its ``run_dir``, its ``strategy``,
-    and whether the user set the run directory (``out_given``)."""
+    whether the user set the run directory (``out_given``), and the config's ``warnings``
+    (:func:`simulations.config.config_warnings`)."""
 
     argv: list[str]
     run_dir: Path
     strategy: str
     out_given: bool
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def resolve_run_args(run_args: Sequence[str], *, default_out: str | None = None,
@@ -75,7 +77,7 @@ def resolve_run_args(run_args: Sequence[str], *, default_out: str | None = None,
     (the submitting side validates against its working directory). Raises ``ConfigError`` for
     invalid input, exactly as the run would.
     """
-    from simulations.config import load_config
+    from simulations.config import config_warnings, load_config
     from simulations.run import build_parser, collect_overrides, resume_config
 
     argv = list(run_args)
@@ -103,7 +105,7 @@ def resolve_run_args(run_args: Sequence[str], *, default_out: str | None = None,
         argv += ["--ray-address", "auto"]
     if "--no-progress" not in argv:
         argv.append("--no-progress")
-    return ResolvedRun(argv, run_dir, cfg.strategy, out_given)
+    return ResolvedRun(argv, run_dir, cfg.strategy, out_given, config_warnings(cfg))
 
 
 # ------------------------------------------------------------------------------ packing

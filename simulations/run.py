@@ -5,7 +5,8 @@
 
 Precedence: defaults < ``--config`` YAML < flags < ``key=value`` overrides (dotted keys reach nested
 settings, e.g. ``participation.args.a=0.05``). Invalid input exits with code 2 and a one-line message
-naming the field; nothing is written to disk before the input is known to be valid.
+naming the field; nothing is written to disk before the input is known to be valid. Ctrl-C exits
+130 and SIGTERM 143, each with one line saying where the completed rounds are.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 import yaml
 
 from fedagg.errors import ConfigError
+from simulations.config import ENGINES
 
 #: (flag, config key, help). Values are parsed as YAML scalars and validated by the config schema.
 FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -27,9 +29,9 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--num-clients", "num_clients", "total number of clients N"),
     ("--clients-per-round", "clients_per_round", "clients trained per round among the available (default: all)"),
     ("--dataset", "dataset", "dataset (see the list below)"),
-    ("--partition", "partition", "how data is split among clients: iid, dirichlet, shards, domain, natural"),
+    ("--partition", "partition", "how data is split among clients (see the list below)"),
     ("--alpha", "alpha", "Dirichlet concentration α for label skew (dirichlet/domain partitions)"),
-    ("--model", "model", "model: mlp, cnn, ..."),
+    ("--model", "model", "model (see the list below); a strategy that needs one selects it"),
     ("--local-steps", "local_steps", "local SGD steps per round"),
     ("--batch-size", "batch_size", "local minibatch size"),
     ("--lr", "lr", "client learning rate"),
@@ -41,12 +43,14 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
      "--server-lr-decay-every rounds"),
     ("--server-lr-decay-every", "server_lr_decay_every", "rounds between server_lr decays (>= 1)"),
     ("--seed", "seed", "run seed (data split, participation, training, attacks)"),
-    ("--engine", "engine", "auto (default: inline unless the run needs Ray; prints the choice), ray, flower (stock run_simulation) or inline (no Ray)"),
+    ("--engine", "engine", "where clients run: auto (inline unless the run needs Ray; it prints its "
+     "choice), ray, flower (stock run_simulation) or inline (no Ray)"),
     ("--out", "out", "run directory (default runs/<strategy>-<timestamp>)"),
-    ("--participation", "participation.process", "availability process: always, bernoulli, markov, cyclic"),
-    ("--attack", "attack", "Byzantine attack applied by --num-byzantine clients"),
-    ("--num-byzantine", "num_byzantine", "number of Byzantine clients"),
-    ("--aggregator", "aggregator", "aggregation pipeline for robust strategies, e.g. nnm+trimmed-mean"),
+    ("--participation", "participation.process", "client availability process (see the list below)"),
+    ("--attack", "attack", "Byzantine attack applied by --num-byzantine clients (see the list below)"),
+    ("--num-byzantine", "num_byzantine", "number of Byzantine clients (needs --attack)"),
+    ("--aggregator", "aggregator", "aggregation pipeline for robust strategies, e.g. nnm+trimmed-mean "
+     "(stages: see the list below)"),
     ("--checkpoint-every", "checkpoint_every", "write a checkpoint every K rounds (0: never)"),
     ("--ray-address", "ray.address", "join an existing Ray cluster: auto or HOST:PORT"),
 )
@@ -58,14 +62,39 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _epilog() -> str:
-    import strategies
-    from fedagg.data import dataset_names
+    """The allowed names of every family, from the registries."""
+    import textwrap
 
-    return (
-        f"strategies: {', '.join(strategies.names())}\n"
-        f"datasets:   {', '.join(dataset_names())}\n\n"
-        "Any config key can also be set as key=value (e.g. participation.args.a=0.05)."
+    import strategies
+    from fedagg import aggregators, attacks
+    from fedagg.data import PARTITIONERS, dataset_names
+    from fedagg.models import model_names
+    from fedagg.participation import PROBABILITIES, PROCESSES
+
+    families = (
+        ("strategies", strategies.names()),
+        ("datasets", dataset_names()),
+        ("partitions", PARTITIONERS.names()),
+        ("models", model_names()),
+        ("participation", PROCESSES.names()),
+        ("participation.probabilities.kind", PROBABILITIES.names()),
+        ("attacks", attacks.names()),
+        ("aggregators", aggregators.names()),
+        ("engines", list(ENGINES)),
     )
+    lines = [textwrap.fill(", ".join(names), width=100, initial_indent=f"{family}: ",
+                           subsequent_indent="    ", break_on_hyphens=False) for family, names in families]
+    return "\n".join([*lines, "", "Any config key can also be set as key=value (e.g. participation.args.a=0.05)."])
+
+
+def _with_default(key: str, help_text: str) -> str:
+    """``help_text`` plus the config default of ``key`` (dotted), read from the schema."""
+    from simulations.config import config_default
+
+    if "(default" in help_text:
+        return help_text
+    value = config_default(key)
+    return f"{help_text} (default: {'none' if value is None else value})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config file (keys as in docs/quickstart.md)")
     for flag, key, help_text in FLAGS:
-        parser.add_argument(flag, dest=key.replace(".", "__"), metavar=key.split(".")[-1].upper(), help=help_text)
+        parser.add_argument(flag, dest=key.replace(".", "__"), metavar=key.split(".")[-1].upper(),
+                            help=_with_default(key, help_text))
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR from its "
                         "newest intact checkpoint (its config.yaml is used; flags and overrides are not allowed)")
     parser.add_argument("--overwrite", action="store_true", help="clear the run directory --out (checkpoints "
@@ -135,32 +165,57 @@ def quiet_logs() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
+def check_out(cfg: Any) -> None:
+    """ConfigError naming ``out`` when the run directory could not be created or written."""
+    from fedagg.io import cannot_create_dir
+
+    why = cannot_create_dir(cfg.run_dir())
+    if why is not None:
+        raise ConfigError("out", f"{why}; choose another --out")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     if not args.verbose:
         quiet_logs()
-    try:
-        from simulations.config import load_config
-        from simulations.runner import Simulation
+    from simulations.engine import Terminated, sigterm_interrupts
 
-        if args.resume:
-            cfg = resume_config(args)
-        else:
-            cfg = load_config(args.config, collect_overrides(args))
-            check_config_outside(args, cfg.run_dir())
-        sim = Simulation(cfg, overwrite=args.overwrite, progress=not args.no_progress,
-                         resume=bool(args.resume))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    sim = None
+    with sigterm_interrupts():  # SIGTERM: stop like Ctrl-C (Ray shuts down), exit 143
+        try:
+            try:
+                from simulations.config import config_warnings, load_config
+                from simulations.runner import Simulation
+
+                if args.resume:
+                    cfg = resume_config(args)
+                else:
+                    cfg = load_config(args.config, collect_overrides(args))
+                    check_config_outside(args, cfg.run_dir())
+                check_out(cfg)
+                for line in config_warnings(cfg):
+                    print(f"warning: {line}", file=sys.stderr)
+                sim = Simulation(cfg, overwrite=args.overwrite, progress=not args.no_progress,
+                                 resume=bool(args.resume))
+            except ConfigError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            return _run(sim)
+        except KeyboardInterrupt as exc:
+            what, code = ("terminated", 128 + exc.signum) if isinstance(exc, Terminated) else ("interrupted", 130)
+            where = (f"metrics of the completed rounds are in {sim.run_dir}" if sim is not None
+                     else "nothing was written")
+            print(f"\n{what}: {where}", file=sys.stderr)
+            return code
+
+
+def _run(sim: Any) -> int:
+    """Run ``sim``; print its one-line result or error; the exit code."""
     from simulations.runner import RunError
 
     try:
         result = sim.run()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: metrics of the completed rounds are in {sim.run_dir}", file=sys.stderr)
-        return 130
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

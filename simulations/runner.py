@@ -34,7 +34,13 @@ from fedagg.training import evaluate, load_numpy_state, state_to_numpy
 from simulations.byzantine import build_corruption
 from simulations.checkpoint import Checkpoint, read_latest, write_checkpoint
 from simulations.client_app import ClientRuntime, make_client_app
-from simulations.config import RunConfig, config_changes, dump_yaml, load_config, strategy_params
+from simulations.config import (
+    RunConfig,
+    config_changes,
+    dump_yaml,
+    load_config,
+    strategy_build_params,
+)
 from simulations.environment import EnvironmentGrid
 from simulations.results import RunWriter, save_arrays
 from simulations.simtime import SimClock
@@ -145,14 +151,12 @@ class Simulation:
         """Config-derived parameters plus what the environment offers to strategies that ask:
         ``probabilities`` (true p_n, for the known-p baseline) and ``validation`` (a server-side
         validation split, for soups)."""
-        params = strategy_params(self.cfg)
+        params = strategy_build_params(self.cfg)
         entry = strategies.REGISTRY.entry(self.cfg.strategy)
         if entry.param("probabilities") is not None and "probabilities" not in params:
             params["probabilities"] = self.probabilities.tolist()
         if entry.param("validation") is not None:
             params["validation"] = self.validation()
-        if entry.param("num_byzantine") is not None and "num_byzantine" not in params:
-            params["num_byzantine"] = self.cfg.num_byzantine  # robust rules: default f
         return params
 
     def validation(self) -> ServerValidation:

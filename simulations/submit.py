@@ -210,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry_args = list(run_args)
         if job_id is None:  # validate locally, name the job and its run directory
             run = resolve_run_args(run_args, base_dir=args.working_dir, default_out="runs/-")
+            for line in run.warnings:
+                print(f"warning: {line}", file=sys.stderr)
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             job_id = args.submission_id or f"fedagg-{run.strategy}-{stamp}-{secrets.token_hex(2)}"
             run_dir = run.run_dir

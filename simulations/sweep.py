@@ -282,9 +282,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = load_sweep(args.sweep, out=args.out)
         if not args.rerun:
             check_finished(sweep)
+        from fedagg.io import cannot_create_dir
+
+        why = cannot_create_dir(sweep.out)
+        if why is not None:
+            raise ConfigError("out", f"{why}; choose another --out")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from simulations.config import config_warnings
+
+    for line in dict.fromkeys(w for c in sweep.cells for w in config_warnings(c.config)):
+        print(f"warning: {line}", file=sys.stderr)
     states = {c.name: cell_state(c) for c in sweep.cells}
     todo = [c for c in sweep.cells if args.rerun or states[c.name] != "done"]
     skipped = len(sweep.cells) - len(todo)
@@ -295,19 +304,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {states[c.name]:8s} {c.name}")
         return 0
     infos: dict[str, dict[str, Any]] = {}
+    from simulations.engine import Terminated, sigterm_interrupts
+
     try:
-        if todo and not args.serial:
-            infos = run_ray(sweep, todo, args.ray_address, args.max_parallel or sweep.spec.max_parallel)
-        else:
-            start_sweep_dir(sweep)
-            infos = run_serial(todo)
+        with sigterm_interrupts():  # SIGTERM stops the sweep like Ctrl-C
+            if todo and not args.serial:
+                infos = run_ray(sweep, todo, args.ray_address, args.max_parallel or sweep.spec.max_parallel)
+            else:
+                start_sweep_dir(sweep)
+                infos = run_serial(todo)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished cells are kept in {sweep.out}; run the sweep again to go on",
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated", 128 + exc.signum) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"\n{what}: finished cells are kept in {sweep.out}; run the sweep again to go on",
               file=sys.stderr)
-        return 130
+        return code
     failed = [n for n, i in infos.items() if i.get("status") != "done"]
     ran = len(infos) - len(failed)
     write_state(sweep, infos, ran=ran, skipped=skipped, failed=len(failed), seconds=time.time() - t0)

@@ -209,7 +209,6 @@ def load_sweep(path: str | Path | None = None, data: Mapping[str, Any] | None = 
                 set_dotted(cfg_data, key, copy.deepcopy(value))
             cfg_data["out"] = str(root / "cells" / name)
             cfg = build_config(cfg_data)
-            check_run_time_names(cfg)
         except ConfigError as exc:
             raise ConfigError(_grid_field(exc, spec), f"{exc.message} (cell {name})") from None
         cells.append(Cell(name, params, cfg, root / "cells" / name, cfg_data))
@@ -217,22 +216,6 @@ def load_sweep(path: str | Path | None = None, data: Mapping[str, Any] | None = 
     if len(set(names)) != len(names):  # only if two values slug to the same hashed text
         raise ConfigError("grid", "two cells would share a directory name; rename a value")
     return Sweep(spec, base, root, cells)
-
-
-def check_run_time_names(cfg: RunConfig) -> None:
-    """Names the run schema leaves to the run itself (the participation process and the kind of
-    its probabilities): checked here so that a bad grid value stops the sweep before it starts."""
-    from fedagg.participation import PROBABILITIES, PROCESSES
-
-    part = cfg.participation
-    PROCESSES.entry(part.process, field="participation.process").resolve(part.args, where="participation.args")
-    if part.process != "always":
-        spec = dict(part.probabilities)
-        kind = spec.pop("kind", None)
-        if kind is None:
-            raise ConfigError("participation.probabilities.kind", "required")
-        PROBABILITIES.entry(kind, field="participation.probabilities.kind").resolve(
-            spec, where="participation.probabilities")
 
 
 def config_difference(expected: RunConfig, found: Mapping[str, Any]) -> str | None:

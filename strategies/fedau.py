@@ -94,7 +94,7 @@ from fedagg.registry import Param
 from strategies.base import DeltaStrategy, reply_client_id
 from strategies.node_index import STATE_PREFIX as NODE_STATE_PREFIX
 from strategies.node_index import NodeIndex
-from strategies.registry import register
+from strategies.registry import Needs, register
 
 __all__ = [
     "FIRST_ROUND",
@@ -412,6 +412,8 @@ class FedVarpStrategy(_MemoryStrategy):
 
 
 # ------------------------------------------------------------------------------------ registry
+#: These rules compensate unequal participation: pointless when every client takes every round.
+_PARTICIPATION = Needs(participation=True)
 _SELECTS_ALL = (" Trains every available client (clients_per_round null); Δ = local − global, "
                 "global += server_lr · aggregate.")
 
@@ -422,7 +424,7 @@ _NODE_IDS = Param("node_ids", list, None, "Flower node id of each client row 0..
                   "of probabilities)", nullable=True)
 
 
-@register("fedau",
+@register("fedau", needs=_PARTICIPATION,
           params=[Param("cutoff", int, None, "cut-off K of the participation intervals (null: ∞)",
                         low=1, nullable=True), _NODE_IDS],
           doc="FedAU (arXiv 2306.03401): (1/N) Σ_{S_t} ω_n Δ_n with ω_n ≈ 1/p_n estimated online "
@@ -431,21 +433,21 @@ def build_fedau(**params: Any) -> FedAUStrategy:
     return FedAUStrategy(**params)
 
 
-@register("fedavg-participating",
+@register("fedavg-participating", needs=_PARTICIPATION,
           doc="Unweighted mean of the participants' deltas (1/|S_t|) Σ_{S_t} Δ_n (FedAU baseline)."
               + _SELECTS_ALL)
 def build_fedavg_participating(**params: Any) -> AverageParticipatingStrategy:
     return AverageParticipatingStrategy(**params)
 
 
-@register("fedavg-all",
+@register("fedavg-all", needs=_PARTICIPATION,
           doc="(1/N) Σ_{S_t} Δ_n: absent clients count as zero updates (FedAU baseline)."
               + _SELECTS_ALL)
 def build_fedavg_all(**params: Any) -> AverageAllStrategy:
     return AverageAllStrategy(**params)
 
 
-@register("known-p",
+@register("known-p", needs=_PARTICIPATION,
           params=[Param("probabilities", list, None,
                         "true participation probabilities p_n (filled in by the runner)",
                         nullable=True), _NODE_IDS],
@@ -458,14 +460,14 @@ def build_known_p(probabilities: list[float] | None, **params: Any) -> KnownProb
     return KnownProbStrategy(probabilities=probabilities, **params)
 
 
-@register("mifa", params=[_NODE_IDS],
+@register("mifa", needs=_PARTICIPATION, params=[_NODE_IDS],
           doc="MIFA (arXiv 2106.04159): mean over all N of each client's latest delta; (N, d) "
               "memory." + _SELECTS_ALL)
 def build_mifa(**params: Any) -> MIFAStrategy:
     return MIFAStrategy(**params)
 
 
-@register("fedvarp", params=[_NODE_IDS],
+@register("fedvarp", needs=_PARTICIPATION, params=[_NODE_IDS],
           doc="FedVarp (arXiv 2207.14130): SAGA-style correction with each client's latest delta; "
               "(N, d) memory." + _SELECTS_ALL)
 def build_fedvarp(**params: Any) -> FedVarpStrategy:

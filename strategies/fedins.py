@@ -2,7 +2,8 @@
 arXiv 2308.06051): clients train an SSF pool over a frozen pretrained backbone, the server averages
 the pools slot by slot.
 
-Run it with ``--strategy fedins --model fedins``: the model kind ``fedins``
+Run it with ``--strategy fedins``, which selects ``--model fedins`` (another model is an error at
+config load; see ``Needs`` in :mod:`strategies.registry`): the model kind ``fedins``
 (:mod:`fedagg.models.fedins`) makes the federated state exactly the pool tensors (SSF scale/shift
 pools ``(N, C)`` at every site, keys ``(N, D)``, head pools ``(N, K, D)`` and ``(N, K)``), so the
 broadcast and the replies carry nothing else and the frozen backbone is never touched by the server.
@@ -45,7 +46,7 @@ from flwr.supercore import log
 from fedagg.errors import ConfigError, unknown_name
 from fedagg.registry import Param
 from strategies.base import DeltaStrategy
-from strategies.registry import register
+from strategies.registry import Needs, register
 
 __all__ = ["WEIGHTINGS", "FedIns", "build_fedins"]
 
@@ -108,8 +109,9 @@ class FedIns(DeltaStrategy):
               choices=WEIGHTINGS),
         Param("optimizer", str, "sgd", "local optimiser of the pool", choices=("sgd", "adam")),
     ],
-    doc="FedIns: clients train an instance-adaptive SSF pool (use --model fedins); the server "
-        "averages the pools slot-wise.",
+    doc="FedIns: clients train an instance-adaptive SSF pool (model fedins, selected by default); "
+        "the server averages the pools slot-wise.",
+    needs=Needs(models=("fedins",)),
 )
 def build_fedins(*, num_clients: int, lam: float, weighting: str, optimizer: str,
                  **common: Any) -> FedIns:

@@ -6,6 +6,8 @@ runner from the top-level config) plus its own declared knobs (``strategy_args``
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.serverapp.strategy import Strategy
 
 from fedagg.registry import Param, Registry
@@ -42,14 +44,38 @@ SERVER_OPTIMIZER_NAMES = frozenset(p.name for p in SERVER_OPTIMIZER_PARAMS)
 COMMON_NAMES = frozenset(p.name for p in (*COMMON_PARAMS, *SERVER_OPTIMIZER_PARAMS))
 
 
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What a strategy needs from the run beyond its parameters (checked when a config loads).
+
+    ``models``: the model kinds it works with (empty: any); the first is selected when the run
+    config does not set ``model``. ``participation``: it compensates unequal client participation,
+    so it is pointless when every client takes part in every round.
+    """
+
+    models: tuple[str, ...] = ()
+    participation: bool = False
+
+
+#: Strategy name → its :class:`Needs` (strategies that need nothing are absent).
+NEEDS: dict[str, Needs] = {}
+
+
+def needs(name: str) -> Needs:
+    """The :class:`Needs` of strategy ``name`` (``Needs()`` when it declared none)."""
+    return NEEDS.get(name, Needs())
+
+
 def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), doc: str = "",
-             server_optimizer: bool = True):
+             server_optimizer: bool = True, needs: Needs | None = None):
     """Register a strategy factory under ``name`` with the common params plus ``params``.
 
     ``server_optimizer=False`` for strategies whose server step is not ours (Flower's rules): they
     do not declare :data:`SERVER_OPTIMIZER_PARAMS` (a strategy's own ``params`` may declare one it
-    honours in its own way, e.g. fedavgm's ``server_momentum``).
+    honours in its own way, e.g. fedavgm's ``server_momentum``). ``needs``: see :class:`Needs`.
     """
+    if needs is not None:
+        NEEDS[name] = needs
     common = [*COMMON_PARAMS, *(SERVER_OPTIMIZER_PARAMS if server_optimizer else ())]
     own = {p.name for p in params}
     return REGISTRY.register(name, params=[*(p for p in common if p.name not in own), *params],

@@ -58,6 +58,10 @@ def load_federated(
     if partition == "domain" and not dataset.startswith("hf:"):
         dargs.setdefault("domains", resolved["num_domains"])
     central = load_central(dataset, **dargs)
+    pool = len(central.train.y)
+    if num_clients > pool:  # checked before partitioning, which is O(num_clients)
+        raise ConfigError("num_clients", f"{num_clients} clients but dataset {dataset!r} has {pool} "
+                          f"training samples; num_clients must be <= {pool} (one sample each at least)")
     stream = rng if rng is not None else np.random.RandomState(seed % 2**32)
     kwargs: dict[str, Any] = {}
     if partition in NEEDS_GROUPS:

@@ -5,11 +5,17 @@ the whole ``train`` and ``test`` splits as arrays and partition them with our ow
 that splits are deterministic from the run seed and mean the same thing for every dataset.
 Extra ``dataset_args`` are passed to ``datasets.load_dataset`` (e.g. ``data_files`` for a local
 CSV/Parquet folder: ``dataset: hf:parquet`` with ``dataset_args: {data_files: {...}}``).
-Needs the optional extra ``pip install 'fedagg[hf]'`` and network access for hub datasets.
+Needs the optional extra ``pip install 'fedagg[hf]'`` and network access for hub datasets: offline
+(``HF_HUB_OFFLINE=1``, as the Makefile sets) only copies already in the Hugging Face cache load, and
+without that flag an unreachable hub is detected by one TCP connect (3 s at most) instead of the
+library's retries; both are a one-line ConfigError naming the offline datasets.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import urllib.parse
 from typing import Any
 
 import numpy as np
@@ -18,6 +24,30 @@ from fedagg.data.base import ArrayDataset, CentralDataset
 from fedagg.errors import ConfigError
 
 _LABEL_KEYS = ("label", "labels", "fine_label", "target", "y")
+#: Seconds to wait for a TCP connection to the hub before calling it unreachable.
+CONNECT_TIMEOUT = 3.0
+
+
+def _offline_names() -> str:
+    from fedagg.data.datasets import DATASETS
+
+    return ", ".join(DATASETS.names())
+
+
+def hub_unreachable(endpoint: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """Why a TCP connection to ``endpoint`` (an http(s) URL) fails, or None when it connects.
+
+    Skipped (None) behind a proxy, where a direct connection says nothing.
+    """
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
 
 
 def _column(split: Any, key: str) -> np.ndarray:
@@ -60,9 +90,31 @@ def load_hf(
         from flwr_datasets import FederatedDataset
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ConfigError("dataset", "hf:<name> needs `pip install 'fedagg[hf]'`") from exc
-    fds = FederatedDataset(dataset=name, partitioners={"train": 1}, seed=seed, **load_kwargs)
-    train = fds.load_split("train")
-    test = fds.load_split(test_split)
+    import datasets
+
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as local_builders
+    except ImportError:  # pragma: no cover - private name of the datasets library
+        local_builders = {}
+    offline = bool(datasets.config.HF_HUB_OFFLINE)
+    if not offline and name not in local_builders:  # csv, parquet, ... read local files: no hub
+        endpoint = datasets.config.HF_ENDPOINT
+        why = hub_unreachable(endpoint)
+        if why is not None:
+            raise ConfigError("dataset", f"'hf:{name}' cannot be downloaded: {endpoint} is unreachable "
+                              f"({why}); use an offline dataset ({_offline_names()}), or set "
+                              "HF_HUB_OFFLINE=1 to load a copy from the Hugging Face cache")
+    try:
+        fds = FederatedDataset(dataset=name, partitioners={"train": 1}, seed=seed, **load_kwargs)
+        train = fds.load_split("train")
+        test = fds.load_split(test_split)
+    except ConnectionError as exc:
+        if offline:
+            raise ConfigError("dataset", f"'hf:{name}' cannot be downloaded offline (HF_HUB_OFFLINE=1) "
+                              f"and is not in the Hugging Face cache; offline datasets: "
+                              f"{_offline_names()}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError("dataset", f"'hf:{name}' could not be downloaded ({first})") from None
     x, y = _to_arrays(train, feature_key, label_key)
     xt, yt = _to_arrays(test, feature_key, label_key)
     num_classes = int(max(y.max(), yt.max())) + 1

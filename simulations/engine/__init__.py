@@ -15,6 +15,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,34 @@ LOCAL_RAY_ENV = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """A termination signal (SIGTERM) turned into an interrupt of the main thread; ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Terminated` in the main thread, so that ``finally``
+    blocks run (actors stop, Ray shuts down, the progress bar closes) instead of the process dying
+    or Ray's own handler aborting it with a C++ stack dump. The previous handler is restored on
+    exit; outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[Any]:
     """Connect to ``cfg.address`` or start a local Ray instance; shut down only what we started."""
@@ -56,8 +86,13 @@ def ray_session(cfg: RayConfig) -> Iterator[Any]:
                                   "log_to_driver": False}
         if cfg.address is not None:
             kwargs["address"] = cfg.address
+        handler = signal.getsignal(signal.SIGTERM)
         ray.init(**kwargs)
         started = True
+        # ray.init replaces the SIGTERM handler (its core worker's aborts with a stack dump): put
+        # back the one the application installed, e.g. sigterm_interrupts()
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
     try:
         yield ray
     finally:
