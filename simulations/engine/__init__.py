@@ -235,7 +235,8 @@ def run_on_engine(sim: Simulation, engine: str | None = None) -> ArrayRecord:
     work = lambda cid: expected_work(table, sim.config, cid)  # noqa: E731
     limit = sim.runtime.batch_limit() if cfg.batched_clients else None
     if engine == "inline":
-        grid = SimGrid(n, InlineExecutor(sim.client_app(), n, batch_limit=limit), work=work)
+        grid = SimGrid(n, InlineExecutor(sim.client_app(), n, batch_limit=limit,
+                                         pool_of=table.index if cfg.profiles else None), work=work)
         try:
             return sim.serve(grid)
         finally:

@@ -167,15 +167,16 @@ class InlineExecutor:
     (:func:`plan_chunks`, ``batch_limit`` None: one job at a time), longest expected work first."""
 
     def __init__(self, app: ClientApp, num_clients: int, threads: int = 1,
-                 batch_limit: int | None = None) -> None:
+                 batch_limit: int | None = None, pool_of: Callable[[int], int] | None = None) -> None:
         self.app = app
         self.num_clients = num_clients
         self.threads = threads
         self.batch_limit = batch_limit
+        self.pool_of = pool_of  # profiles: chunks as the Ray engine's pools cut them
         self._queue: deque[list[Job]] = deque()
 
     def submit(self, jobs: list[Job]) -> None:
-        chunks = plan_chunks(jobs, self.batch_limit)
+        chunks = plan_chunks(jobs, self.batch_limit, self.pool_of)
         self._queue.extend(sorted(chunks, key=lambda c: -sum(j.work for j in c)))
 
     def _run(self, jobs: list[Job]) -> list[JobResult]:
