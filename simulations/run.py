@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     if not args.verbose:
         quiet_logs()
-    from simulations.engine import Terminated, sigterm_interrupts
+    from simulations.engine import sigterm_interrupts, termination_signal
 
     sim = None
     with sigterm_interrupts():  # SIGTERM: stop like Ctrl-C (Ray shuts down), exit 143
@@ -203,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             return _run(sim)
         except KeyboardInterrupt as exc:
-            what, code = ("terminated", 128 + exc.signum) if isinstance(exc, Terminated) else ("interrupted", 130)
+            signum = termination_signal(exc)
+            what, code = ("terminated", 128 + signum) if signum is not None else ("interrupted", 130)
             where = (f"metrics of the completed rounds are in {sim.run_dir}" if sim is not None
                      else "nothing was written")
             print(f"\n{what}: {where}", file=sys.stderr)

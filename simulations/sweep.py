@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {states[c.name]:8s} {c.name}")
         return 0
     infos: dict[str, dict[str, Any]] = {}
-    from simulations.engine import Terminated, sigterm_interrupts
+    from simulations.engine import sigterm_interrupts, termination_signal
 
     try:
         with sigterm_interrupts():  # SIGTERM stops the sweep like Ctrl-C
@@ -317,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        what, code = ("terminated", 128 + exc.signum) if isinstance(exc, Terminated) else ("interrupted", 130)
+        signum = termination_signal(exc)
+        what, code = ("terminated", 128 + signum) if signum is not None else ("interrupted", 130)
         print(f"\n{what}: finished cells are kept in {sweep.out}; run the sweep again to go on",
               file=sys.stderr)
         return code

@@ -52,8 +52,22 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+#: The termination signal received under :func:`sigterm_interrupts` (None: none). Ray's blocking
+#: calls may catch our :class:`Terminated` and raise a plain KeyboardInterrupt instead.
+_received: list[int] = []
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _received.append(signum)
     raise Terminated(signum)
+
+
+def termination_signal(exc: BaseException) -> int | None:
+    """The signal behind a KeyboardInterrupt ``exc`` (SIGTERM under :func:`sigterm_interrupts`),
+    or None for a Ctrl-C."""
+    if isinstance(exc, Terminated):
+        return exc.signum
+    return _received[-1] if _received else None
 
 
 @contextlib.contextmanager
@@ -66,6 +80,7 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _received.clear()
     try:
         yield
     finally:

@@ -132,7 +132,7 @@ def test_validation_split_of_a_run_is_the_clients_held_out_union(tmp_path):
     spec = cli._data_spec({"run": str(tmp_path / "run"), "split": "validation"}, "validation")
     assert (spec.model, spec.model_args, spec.seed) == ("cnn", {"channels": 4}, 4)
     held = cli.load_held_out(spec)
-    val = Simulation(cfg).validation()
+    val = Simulation(cfg.model_copy(update={"out": str(tmp_path / "sim")})).validation()
     np.testing.assert_array_equal(held.x, val.x)
     np.testing.assert_array_equal(held.y, val.y)
 
