@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    parser.add_argument("--log", action="append", default=[], metavar="TRACKER",
+                        help="also log to tensorboard and/or mlflow (repeat or comma list; "
+                        "needs pip install 'fedagg[trackers]'; see simulations/trackers.py)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -127,13 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from simulations.config import load_config
         from simulations.runner import Simulation
+        from simulations.trackers import Trackers, check_installed, parse_names
 
         if args.resume:
             cfg = resume_config(args)
         else:
             cfg = load_config(args.config, collect_overrides(args))
+        names = parse_names(args.log)
+        check_installed(names)  # before anything is written
         sim = Simulation(cfg, overwrite=args.overwrite, progress=not args.no_progress,
                          resume=bool(args.resume))
+        trackers = Trackers(names, sim.run_dir, sim.config)
+        trackers.attach(sim)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -141,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = sim.run()
+        trackers.finish(result)
     except KeyboardInterrupt:
         print(f"\ninterrupted: metrics of the completed rounds are in {sim.run_dir}", file=sys.stderr)
         return 130
@@ -150,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # found by the engine (e.g. a profile needs a GPU the cluster lacks)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        trackers.close()  # after a failure (finish closed them otherwise)
     s = result.summary
     print(f"{s['strategy']} on {s['dataset']}: final test accuracy {100 * s['final_test_accuracy']:.2f} % "
           f"after {s['rounds']} rounds ({s['wall_seconds']:.1f} s) → {result.run_dir}")

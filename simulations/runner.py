@@ -263,13 +263,14 @@ class Simulation:
             self.on_round(row)
 
     # ------------------------------------------------------------------ engines
-    def run(self) -> RunResult:
-        """Run on the configured engine and write the results."""
+    def run(self, grid: Grid | None = None, node_of_client: dict[int, int] | None = None) -> RunResult:
+        """Run on the configured engine and write the results. A Flower ServerApp passes its own
+        ``grid`` (and ``node_of_client``, see :meth:`serve`) to run the round loop on it instead."""
         t0 = time.perf_counter()
         from simulations.engine import run_on_engine
 
         try:
-            arrays = run_on_engine(self)
+            arrays = run_on_engine(self) if grid is None else self.serve(grid, node_of_client)
         except ConfigError:
             self._discard_if_empty()  # the engine refused the input before round 1
             raise
