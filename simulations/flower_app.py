@@ -137,18 +137,19 @@ def _server_main(grid: Grid, context: Context) -> None:
     try:
         settings = parse_run_config(context.run_config)
         names = tracker_names(settings)
-        size = settings.num_clients
-        if size is None:
-            size = federation_size(grid, settings.node_wait)
-        serve(grid, settings.config(size), settings, names)
+        if settings.num_clients is not None:
+            settings.config()  # bad input fails before any SuperNode is asked anything
+        size, nodes = federation(grid, settings)
+        serve(grid, settings.config(size), settings, names, nodes)
     except ConfigError as exc:
         log(ERROR, "error: %s", exc)
         raise
 
 
-def serve(grid: Grid, cfg: RunConfig, settings: AppSettings, trackers: list[str]) -> None:
-    """Run ``cfg`` on Flower's ``grid`` and write its run directory (and tracker outputs)."""
-    from simulations.engine import partition_map
+def serve(grid: Grid, cfg: RunConfig, settings: AppSettings, trackers: list[str],
+          nodes: dict[int, int]) -> None:
+    """Run ``cfg`` on Flower's ``grid`` (``nodes``: client id → node id) and write its run
+    directory (and tracker outputs)."""
     from simulations.runner import Simulation
     from simulations.trackers import Trackers
 
@@ -156,7 +157,6 @@ def serve(grid: Grid, cfg: RunConfig, settings: AppSettings, trackers: list[str]
     tracking = Trackers(trackers, sim.run_dir, sim.config)
     tracking.attach(sim)
     try:
-        nodes = partition_map(grid, cfg.num_clients, timeout=settings.node_wait)
         result = sim.run(grid=grid, node_of_client=nodes)
         tracking.finish(result)
     finally:
@@ -178,23 +178,48 @@ def _log_round(rounds: int) -> Any:
     return on_round
 
 
-def federation_size(grid: Grid, timeout: float) -> int:
-    """``num-partitions`` of the federation's SuperNodes (waits up to ``timeout`` s for one node)."""
-    deadline = time.monotonic() + timeout
+def federation(grid: Grid, settings: AppSettings) -> tuple[int, dict[int, int]]:
+    """The number of clients and ``{client id: node id}``, from one query to the SuperNodes.
+
+    Waits up to ``node-wait`` s for a first SuperNode, asks every connected one its
+    ``partition-id`` and ``num-partitions``; the number of clients is ``num-clients`` or, unset,
+    the nodes' ``num-partitions`` (they must agree). SuperNodes still missing then are waited for
+    by :func:`simulations.engine.partition_map`, which asks them all again.
+    """
+    from simulations.engine import partition_map
+
+    deadline = time.monotonic() + settings.node_wait
     while not (nodes := sorted(grid.get_node_ids())):
         if time.monotonic() > deadline:
-            raise ConfigError("node-wait", f"no SuperNode connected within {timeout:g} s")
+            raise ConfigError("node-wait", f"no SuperNode connected within {settings.node_wait:g} s")
         time.sleep(0.2)
-    replies = list(grid.send_and_receive([Message(RecordDict(), int(nodes[0]), MessageType.QUERY)],
-                                         timeout=timeout))
-    if not replies or replies[0].has_error():
-        raise ConfigError("num-clients", f"node {nodes[0]} did not report its {NUM_PARTITIONS_KEY}; "
-                          "set num-clients")
-    metrics = next(iter(replies[0].content.metric_records.values()))
-    if NUM_PARTITIONS_KEY not in metrics:
+    replies = grid.send_and_receive([Message(RecordDict(), int(n), MessageType.QUERY) for n in nodes],
+                                    timeout=settings.node_wait)
+    clients: dict[int, int] = {}
+    partitions: set[int] = set()
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(f"SuperNode {reply.metadata.src_node_id} failed the id query: {reply.error.reason}")
+        metrics = next(iter(reply.content.metric_records.values()))
+        cid, node = int(metrics["client-id"]), int(reply.metadata.src_node_id)  # type: ignore[arg-type]
+        if cid in clients:
+            raise ConfigError("partition-id", f"SuperNodes {clients[cid]} and {node} both hold partition-id={cid}")
+        clients[cid] = node
+        if NUM_PARTITIONS_KEY in metrics:
+            partitions.add(int(metrics[NUM_PARTITIONS_KEY]))  # type: ignore[arg-type]
+    if len(partitions) > 1:
+        raise ConfigError(NUM_PARTITIONS_KEY, f"the SuperNodes disagree: {sorted(partitions)}")
+    held = next(iter(partitions), None)
+    size = settings.num_clients if settings.num_clients is not None else held
+    if size is None:
         raise ConfigError("num-clients", f"the SuperNodes have no {NUM_PARTITIONS_KEY!r} in their "
-                          "--node-config; set num-clients")
-    return int(metrics[NUM_PARTITIONS_KEY])  # type: ignore[arg-type]
+                          "node config; set num-clients")
+    if held is not None and held != size:
+        raise ConfigError("num-clients", f"{size}, but the SuperNodes hold {NUM_PARTITIONS_KEY}={held} "
+                          "(one client per SuperNode)")
+    if sorted(clients) == list(range(size)):
+        return size, clients
+    return size, partition_map(grid, size, timeout=max(1.0, deadline - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------------------- client

@@ -108,25 +108,41 @@ def test_an_unknown_tracker_is_refused() -> None:
         flower_app.tracker_names(flower_app.parse_run_config({"log": "tensorboard,wandb"}))
 
 
+def in_process_grid(num_nodes: int, run_config: dict):
+    """Our SimGrid running the module-level ClientApp with ``run_config`` in its Context, as
+    Flower's runtime would (node config: ``partition-id``, ``num-partitions``)."""
+    from simulations.engine.executors import InlineExecutor
+    from simulations.engine.sim_grid import SimGrid
+
+    def client(message, context: Context):
+        context.run_config = dict(run_config)
+        return flower_app.client_app(message, context)
+
+    return SimGrid(num_nodes, InlineExecutor(client, num_nodes))
+
+
+def run_server(grid, run_config: dict) -> None:
+    flower_app.server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                        run_config=dict(run_config)))
+
+
+def test_num_clients_must_match_the_federation(tmp_path) -> None:
+    run_config = {**app_defaults(), "num-clients": 3, "out": str(tmp_path / "app")}
+    with pytest.raises(ConfigError, match="num-clients: 3, but the SuperNodes hold num-partitions=4"):
+        run_server(in_process_grid(4, run_config), run_config)
+    assert not (tmp_path / "app").exists()
+
+
 @pytest.mark.slow
 def test_server_and_client_apps_run_a_federation_in_process_like_the_inline_engine(tmp_path) -> None:
     """The module-level apps on our SimGrid: the ClientApp gets only its Context (run config, node
     config), the ServerApp maps nodes to clients by query; the result is the inline engine's."""
-    from simulations.engine.executors import InlineExecutor
-    from simulations.engine.sim_grid import SimGrid
     from simulations.results import load_arrays, read_metrics
     from simulations.runner import Simulation
 
     run_config = {**app_defaults(), "rounds": 2, "local-steps": 10, "seed": 1, "out": str(tmp_path / "app"),
                   "overrides": "dataset_args.num_samples=1000", "log": "tensorboard,mlflow"}
-
-    def client(message, context: Context):
-        context.run_config = dict(run_config)  # what Flower's runtime hands a ClientApp
-        return flower_app.client_app(message, context)
-
-    grid = SimGrid(4, InlineExecutor(client, 4))
-    flower_app.server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                        run_config=dict(run_config)))
+    run_server(in_process_grid(4, run_config), run_config)
     rows = read_metrics(tmp_path / "app")
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert (tmp_path / "app" / "tensorboard").is_dir() and (tmp_path / "app" / "mlruns" / "mlflow.db").is_file()
