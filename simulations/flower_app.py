@@ -42,7 +42,7 @@ from flwr.supercore import log
 
 from fedagg.errors import ConfigError
 from simulations.config import RunConfig, build_config, parse_override, set_dotted
-from simulations.run import FLAGS
+from simulations.run import FLAGS, NAME_KEYS
 
 if TYPE_CHECKING:  # torch and the data stack load only in processes that train or serve
     from simulations.client_app import ClientRuntime
@@ -56,10 +56,6 @@ RUN_KEYS: dict[str, str] = {flag[2:]: key for flag, key, _ in FLAGS if key not i
 
 #: Keys of the app itself, with their types.
 APP_KEYS: dict[str, type] = {"overrides": str, "log": str, "overwrite": bool, "node-wait": float}
-
-#: Run config keys whose values are names (kept as strings, as the CLI does).
-_NAME_KEYS = frozenset({"strategy", "dataset", "partition", "model", "out", "attack", "aggregator",
-                        "participation.process"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +95,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> AppSettings:
             options[key.replace("-", "_")] = _app_option(key, value)
         elif value != "":  # "" leaves the key at its default
             name = RUN_KEYS.get(key, key.replace("-", "_"))
-            overrides[name] = str(value) if name in _NAME_KEYS else value
+            overrides[name] = str(value) if name in NAME_KEYS else value  # as the CLI
     for text in shlex.split(options.pop("overrides", "")):
         key, value = parse_override(text)
         overrides[key] = value

@@ -45,6 +45,10 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--ray-address", "ray.address", "join an existing Ray cluster: auto or HOST:PORT"),
 )
 
+#: Config keys of FLAGS whose values are names: kept as given, never parsed as YAML.
+NAME_KEYS = frozenset({"strategy", "dataset", "partition", "model", "engine", "out", "attack",
+                       "aggregator", "participation.process", "ray.address"})
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2
@@ -94,8 +98,7 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
         raw = getattr(args, key.replace(".", "__"))
         if raw is not None:
             out[key] = yaml.safe_load(raw) if raw.strip() else None
-            if key in ("strategy", "dataset", "partition", "model", "engine", "out", "attack",
-                       "aggregator", "participation.process", "ray.address"):
+            if key in NAME_KEYS:
                 out[key] = raw  # names stay strings (e.g. a dataset called "on")
     for text in args.overrides:
         key, value = parse_override(text)

@@ -134,12 +134,13 @@ def test_num_clients_must_match_the_federation(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_server_and_client_apps_run_a_federation_in_process_like_the_inline_engine(tmp_path) -> None:
+def test_server_and_client_apps_run_a_federation_in_process_like_the_inline_engine(tmp_path, monkeypatch) -> None:
     """The module-level apps on our SimGrid: the ClientApp gets only its Context (run config, node
     config), the ServerApp maps nodes to clients by query; the result is the inline engine's."""
     from simulations.results import load_arrays, read_metrics
     from simulations.runner import Simulation
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_config = {**app_defaults(), "rounds": 2, "local-steps": 10, "seed": 1, "out": str(tmp_path / "app"),
                   "overrides": "dataset_args.num_samples=1000", "log": "tensorboard,mlflow"}
     run_server(in_process_grid(4, run_config), run_config)
