@@ -55,6 +55,10 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--ray-address", "ray.address", "join an existing Ray cluster: auto or HOST:PORT"),
 )
 
+#: Config keys of FLAGS whose values are names: kept as given, never parsed as YAML.
+NAME_KEYS = frozenset({"strategy", "dataset", "partition", "model", "engine", "out", "attack",
+                       "aggregator", "participation.process", "ray.address"})
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2
@@ -115,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "included) before running; other non-empty folders are never cleared")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    parser.add_argument("--log", action="append", default=[], metavar="TRACKER",
+                        help="also log to tensorboard and/or mlflow (repeat or comma list; "
+                        "needs pip install 'fedagg[trackers]'; see simulations/trackers.py)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -128,8 +135,7 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
         raw = getattr(args, key.replace(".", "__"))
         if raw is not None:
             out[key] = yaml.safe_load(raw) if raw.strip() else None
-            if key in ("strategy", "dataset", "partition", "model", "engine", "out", "attack",
-                       "aggregator", "participation.process", "ray.address"):
+            if key in NAME_KEYS:
                 out[key] = raw  # names stay strings (e.g. a dataset called "on")
     for text in args.overrides:
         key, value = parse_override(text)
@@ -187,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 from simulations.config import config_warnings, load_config
                 from simulations.runner import Simulation
+                from simulations.trackers import Trackers, check_installed, parse_names
 
                 if args.resume:
                     cfg = resume_config(args)
@@ -194,14 +201,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cfg = load_config(args.config, collect_overrides(args))
                     check_config_outside(args, cfg.run_dir())
                 check_out(cfg)
+                names = parse_names(args.log)
+                check_installed(names)  # before anything is written
                 for line in config_warnings(cfg):
                     print(f"warning: {line}", file=sys.stderr)
                 sim = Simulation(cfg, overwrite=args.overwrite, progress=not args.no_progress,
                                  resume=bool(args.resume))
+                trackers = Trackers(names, sim.run_dir, sim.config)
+                trackers.attach(sim)
             except ConfigError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
-            return _run(sim)
+            return _run(sim, trackers)
         except KeyboardInterrupt as exc:
             signum = termination_signal(exc)
             what, code = ("terminated", 128 + signum) if signum is not None else ("interrupted", 130)
@@ -211,18 +222,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
 
 
-def _run(sim: Any) -> int:
-    """Run ``sim``; print its one-line result or error; the exit code."""
+def _run(sim: Any, trackers: Any) -> int:
+    """Run ``sim`` (logging to ``trackers``); print its one-line result or error; the exit code."""
     from simulations.runner import RunError
 
     try:
         result = sim.run()
+        trackers.finish(result)
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:  # found by the engine (e.g. a profile needs a GPU the cluster lacks)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        trackers.close()  # after a failure (finish closed them otherwise)
     s = result.summary
     print(f"{s['strategy']} on {s['dataset']}: final test accuracy {100 * s['final_test_accuracy']:.2f} % "
           f"after {s['rounds']} rounds ({s['wall_seconds']:.1f} s) → {result.run_dir}")

@@ -293,22 +293,24 @@ class Simulation:
             self.on_round(row)
 
     # ------------------------------------------------------------------ engines
-    def run(self) -> RunResult:
-        """Run on the configured engine and write the results; release the directory's lock."""
+    def run(self, grid: Grid | None = None, node_of_client: dict[int, int] | None = None) -> RunResult:
+        """Run on the configured engine and write the results; release the directory's lock. A
+        Flower ServerApp passes its own ``grid`` (and ``node_of_client``, see :meth:`serve`) to run
+        the round loop on it instead."""
         try:
-            return self._run()
+            return self._run(grid, node_of_client)
         finally:
             self.writer.close()
 
-    def _run(self) -> RunResult:
+    def _run(self, grid: Grid | None, node_of_client: dict[int, int] | None) -> RunResult:
         t0 = time.perf_counter()
         from simulations.engine import choose_engine, run_on_engine
 
-        self.engine, why = choose_engine(self.cfg)
+        self.engine, why = ("flower-app", "a Flower ServerApp's grid") if grid is not None else choose_engine(self.cfg)
         if self.progress:
             print(f"engine: {self.engine} ({why})", file=sys.stderr)
         try:
-            arrays = run_on_engine(self, self.engine)
+            arrays = run_on_engine(self, self.engine) if grid is None else self.serve(grid, node_of_client)
         except ConfigError:
             self._discard_if_empty()  # the engine refused the input before round 1
             raise
