@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import re
 import secrets
 import sys
 import time
@@ -54,18 +55,17 @@ TERMINAL_OK = "SUCCEEDED"
 ENV_MARK = "FEDAGG-ENV"
 #: Seconds the environment check may take (it waits like any job for a place to run).
 ENV_CHECK_TIMEOUT = 300.0
-#: What the environment check runs on the cluster (stdlib only: it must run where nothing is
-#: installed). ``{dists}`` is a JSON list of distribution names.
+#: What the environment check runs on the cluster: one line (Ray echoes the entrypoint in the
+#: log), stdlib only (it must run where nothing is installed). ``{dists}``: a JSON list of names.
 _ENV_PROBE = (
-    "import importlib.metadata as m, json, sys\n"
-    "def v(d):\n"
-    "    try:\n"
-    "        return m.version(d)\n"
-    "    except m.PackageNotFoundError:\n"
-    "        return None\n"
-    "print('" + "FEDAGG-ENV" + " ' + json.dumps({'python': sys.executable, 'version': sys.version.split()[0],"
-    " 'dists': {d: v(d) for d in json.loads('{dists}')}}))\n"
+    "import importlib.metadata as m, json, re, sys; "
+    "key = lambda name: re.sub(r'[-_.]+', '-', (name or '').lower()); "
+    "have = {key(d.metadata['Name']): d.version for d in m.distributions()}; "
+    "print('" + ENV_MARK + " ' + json.dumps({'python': sys.executable, 'version': sys.version.split()[0], "
+    "'dists': {d: have.get(key(d)) for d in json.loads('{dists}')}}))"
 )
+#: Lines of a job log that Ray writes itself (not the entrypoint's output).
+_RAY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d [\d:,]+\s+[A-Z]+ |Running entrypoint for job )")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -294,26 +294,26 @@ def check_cluster_env(client: Any, runtime_env: dict[str, Any], placement: dict[
                       probe_id: str, *, timeout: float = ENV_CHECK_TIMEOUT) -> dict[str, Any]:
     """Run the environment check as a job with the run's ``runtime_env`` and ``placement``; return
     its report. Raises ConfigError (field ``cluster``) when the job's python lacks a dependency or
-    cannot run, ConnectionError when the check does not finish within ``timeout`` seconds. The
-    check job is stopped on Ctrl-C and deleted afterwards."""
+    cannot run, ConnectionError when the check does not finish within ``timeout`` seconds (the
+    check job is then stopped, as on Ctrl-C; a finished one stays in the job list as a record:
+    Ray marks a job deleted right after it ended as FAILED)."""
     required = required_distributions()
     client.submit_job(entrypoint=env_probe_entrypoint(sorted(required)), runtime_env=runtime_env,
                       submission_id=probe_id, **placement)
     try:
         status = wait(client, probe_id, timeout=timeout, follow=False, poll=0.5)
-        log = client.get_job_logs(probe_id) if status != "TIMEOUT" else ""
     except KeyboardInterrupt:
         client.stop_job(probe_id)
         raise
-    finally:
-        _forget(client, probe_id)
     if status == "TIMEOUT":
+        client.stop_job(probe_id)
         raise ConnectionError(f"the cluster environment check (job {probe_id}) did not finish in "
                               f"{timeout:.0f} s; --no-env-check skips it")
+    log = client.get_job_logs(probe_id)
     report = parse_env_report(log)
     if report is None:
-        lines = [ln for ln in _visible(log).splitlines() if ln.strip()]
-        why = lines[-1].strip() if lines else f"job {status}"
+        lines = [ln.strip() for ln in _visible(log).splitlines() if ln.strip() and not _RAY_LINE.match(ln)]
+        why = lines[-1] if lines else f"job {status}"
         raise ConfigError("cluster", f"the job's `python` could not run the environment check "
                           f"({why}): {_ENV_FIX}")
     problems = env_problems(report, required)
@@ -322,20 +322,6 @@ def check_cluster_env(client: Any, runtime_env: dict[str, Any], placement: dict[
         raise ConfigError("cluster", f"the job's python ({report.get('python')}, Python "
                           f"{report.get('version')}) lacks {listed}: {_ENV_FIX}")
     return report
-
-
-def _forget(client: Any, job_id: str) -> None:
-    """Stop (if still running) and delete a job; best effort (it only tidies the job list)."""
-    try:
-        client.stop_job(job_id)
-    except Exception:  # already finished
-        pass
-    for _ in range(20):
-        try:
-            client.delete_job(job_id)
-            return
-        except Exception:  # not yet in a terminal state after stop_job
-            time.sleep(0.25)
 
 
 def describe_env(report: dict[str, Any], names: Sequence[str] = ("flwr", "ray", "torch")) -> str:
