@@ -31,7 +31,8 @@ from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state, local_
 from simulations.bench.report import machine
 
 WORKLOAD = {"num_clients": 100, "rounds": 20, "clients_per_round": 10, "model": "cnn",
-            "local_steps": 5, "batch_size": 32, "lr": 0.05, "dataset": "mnist1d", "seed": 0}
+            "local_steps": 5, "batch_size": 32, "lr": 0.05, "momentum": 0.0, "dataset": "mnist1d",
+            "seed": 0}
 
 #: An overhead-bound variant (as in the design note's measurement): a tiny MLP, one local step.
 TINY = {**WORKLOAD, "model": "mlp", "model_args": {"hidden": [16]}, "local_steps": 1}
@@ -44,7 +45,8 @@ def bare_loop(w: dict[str, Any]) -> tuple[float, float]:
     xt, yt = torch.as_tensor(data.test.x), torch.as_tensor(data.test.y)
     clients = {k: (torch.as_tensor(data.client(k)[0].x), torch.as_tensor(data.client(k)[0].y))
                for k in range(w["num_clients"])}
-    cfg = LocalTrainConfig(steps=w["local_steps"], lr=w["lr"], batch_size=w["batch_size"])
+    cfg = LocalTrainConfig(steps=w["local_steps"], lr=w["lr"], batch_size=w["batch_size"],
+                           momentum=w["momentum"])
     global_state = state_to_numpy(model)
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
