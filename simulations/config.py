@@ -140,13 +140,15 @@ class RunConfig(_Strict):
     alpha: float | None = Field(None, gt=0)
     partition_args: dict[str, Any] = Field(default_factory=dict)
     test_fraction: float = Field(0.2, ge=0, lt=1)
-    # model and local training
+    # model and local training. The defaults make the default run (FedAvg, 10 IID clients, CNN)
+    # learn: 80.6 % test accuracy after its 20 rounds, 91.4 % after 40 (docs/quickstart.md). The
+    # momentum buffer is the client's own and starts from zero every round.
     model: str = "cnn"
     model_args: dict[str, Any] = Field(default_factory=dict)
-    local_steps: int = Field(5, ge=0)
+    local_steps: int = Field(20, ge=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     # server
     server_lr: float = Field(1.0, ge=0)

@@ -7,6 +7,10 @@
 Everything after ``--`` is handed to ``python -m simulations.run`` (see its ``--help``); it is
 validated here first (invalid input: one line, exit 2, nothing submitted). The job:
 
+- first checks the cluster's environment with a tiny job (same working directory, environment
+  variables and placement as the run; it reports the ``python`` the job would run and the versions
+  of fedagg's dependencies there): a missing or wrong dependency is one line and exit 2, before
+  anything is submitted (``--no-env-check`` skips the check);
 - ships the working directory (``--working-dir``, default ``.``: the repository) without
   ``.venv``, ``runs``, ``.git``, caches (``runtime_env.working_dir`` + ``excludes``); the cluster's
   ``python`` must have fedagg's dependencies installed (start ``ray`` from that environment);
@@ -20,7 +24,8 @@ validated here first (invalid input: one line, exit 2, nothing submitted). The j
 directory from the log into ``--fetch-to`` (default: the run's ``--out`` when relative, else
 ``runs/<its name>``). Exit code: 0 succeeded and fetched; 1 the job failed or was stopped (its last
 log lines are printed), could not be reached, timed out, or its run directory could not be fetched;
-2 invalid input; 130 interrupted (the job is stopped).
+2 invalid input or a cluster environment without fedagg's dependencies; 130 interrupted (the job is
+stopped).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import re
 import secrets
 import sys
 import time
@@ -45,6 +51,21 @@ EXCLUDES = [".venv", "venv", ".git", "runs", "__pycache__", "*.pyc", "*.egg-info
 JOB_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_DEDUP_LOGS": "0", "HF_HUB_OFFLINE": "1"}
 TERMINAL_OK = "SUCCEEDED"
+#: Marker of the environment check's one report line in its job log.
+ENV_MARK = "FEDAGG-ENV"
+#: Seconds the environment check may take (it waits like any job for a place to run).
+ENV_CHECK_TIMEOUT = 300.0
+#: What the environment check runs on the cluster: one line (Ray echoes the entrypoint in the
+#: log), stdlib only (it must run where nothing is installed). ``{dists}``: a JSON list of names.
+_ENV_PROBE = (
+    "import importlib.metadata as m, json, re, sys; "
+    "key = lambda name: re.sub(r'[-_.]+', '-', (name or '').lower()); "
+    "have = {key(d.metadata['Name']): d.version for d in m.distributions()}; "
+    "print('" + ENV_MARK + " ' + json.dumps({'python': sys.executable, 'version': sys.version.split()[0], "
+    "'dists': {d: have.get(key(d)) for d in json.loads('{dists}')}}))"
+)
+#: Lines of a job log that Ray writes itself (not the entrypoint's output).
+_RAY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d [\d:,]+\s+[A-Z]+ |Running entrypoint for job )")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submission-id", default=None, help="job id (default fedagg-<strategy>-<time>-<hex>)")
     p.add_argument("--max-fetch-mb", type=float, default=32.0,
                    help="cap on the packed run directory sent back through the job log (default 32)")
+    p.add_argument("--no-env-check", action="store_true",
+                   help="submit without first checking that the cluster's python has fedagg's dependencies")
     return p
 
 
@@ -172,12 +195,9 @@ def _tail(client: Any, job_id: str, n: int = 20) -> str:
     return "\n".join(lines[-n:])
 
 
-def _submit(client: Any, args: argparse.Namespace, entry_args: list[str], job_id: str,
-            env: dict[str, str], resources: dict[str, float] | None) -> str:
-    import shlex
-
-    max_bytes = int(args.max_fetch_mb * 2**20)
-    entrypoint = f"python -m simulations.job --max-bytes {max_bytes} -- {shlex.join(entry_args)}"
+def _job_spec(args: argparse.Namespace, env: dict[str, str],
+              resources: dict[str, float] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(runtime_env, placement keyword arguments) shared by the run's job and the environment check."""
     runtime_env = {"working_dir": str(args.working_dir), "excludes": [*EXCLUDES, *args.exclude],
                    "env_vars": env}
     kwargs: dict[str, Any] = {}
@@ -187,10 +207,128 @@ def _submit(client: Any, args: argparse.Namespace, entry_args: list[str], job_id
         kwargs["entrypoint_num_gpus"] = args.entrypoint_num_gpus
     if resources:
         kwargs["entrypoint_resources"] = resources
+    return runtime_env, kwargs
+
+
+def _submit(client: Any, args: argparse.Namespace, entry_args: list[str], job_id: str,
+            env: dict[str, str], resources: dict[str, float] | None) -> str:
+    import shlex
+
+    max_bytes = int(args.max_fetch_mb * 2**20)
+    entrypoint = f"python -m simulations.job --max-bytes {max_bytes} -- {shlex.join(entry_args)}"
+    runtime_env, kwargs = _job_spec(args, env, resources)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                submission_id=job_id, **kwargs)
     print(f"submitted {job_id} to {args.address}: {entrypoint}", flush=True)
     return str(job_id)
+
+
+# ------------------------------------------------------------------------------ environment check
+def required_distributions() -> dict[str, str]:
+    """{distribution: version specifier} of fedagg's runtime dependencies, from its installed
+    metadata (extras left out); ``flwr``, ``ray``, ``torch`` when fedagg is not installed."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        texts = metadata.requires("fedagg") or []
+    except metadata.PackageNotFoundError:
+        texts = []
+    out: dict[str, str] = {}
+    for text in texts:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            out[req.name] = str(req.specifier)
+    return out or {"flwr": "", "ray": "", "torch": ""}
+
+
+def env_probe_entrypoint(dists: Sequence[str]) -> str:
+    """The shell command of the environment check: the job's ``python`` prints one
+    ``FEDAGG-ENV {json}`` line (its path, version and the version of each of ``dists``, null if
+    missing)."""
+    import shlex
+
+    return shlex.join(["python", "-c", _ENV_PROBE.replace("{dists}", json.dumps(list(dists)))])
+
+
+def parse_env_report(log: str) -> dict[str, Any] | None:
+    """The environment check's report from its job log (None if the log holds none)."""
+    for line in log.splitlines():
+        if line.startswith(ENV_MARK + " "):
+            try:
+                report = json.loads(line[len(ENV_MARK) + 1:])
+            except json.JSONDecodeError:
+                return None
+            return report if isinstance(report, dict) and isinstance(report.get("dists"), dict) else None
+    return None
+
+
+def env_problems(report: dict[str, Any], required: dict[str, str]) -> list[str]:
+    """Dependencies the reported environment lacks or has in a version outside the specifier,
+    e.g. ``["flwr", "torch 2.1.0 (needs >=2.2)"]``."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion
+
+    problems = []
+    for name, spec in required.items():
+        version = report["dists"].get(name)
+        if version is None:
+            problems.append(name)
+            continue
+        try:
+            ok = SpecifierSet(spec).contains(version, prereleases=True)
+        except InvalidVersion:
+            ok = True  # an unparsable local version: not ours to judge
+        if not ok:
+            problems.append(f"{name} {version} (needs {spec})")
+    return problems
+
+
+_ENV_FIX = ("start the Ray head from fedagg's environment (`source .venv/bin/activate` before "
+            "`ray start`) or install fedagg's dependencies into the cluster's python "
+            "(`pip install -e .`); --no-env-check submits anyway")
+
+
+def check_cluster_env(client: Any, runtime_env: dict[str, Any], placement: dict[str, Any],
+                      probe_id: str, *, timeout: float = ENV_CHECK_TIMEOUT) -> dict[str, Any]:
+    """Run the environment check as a job with the run's ``runtime_env`` and ``placement``; return
+    its report. Raises ConfigError (field ``cluster``) when the job's python lacks a dependency or
+    cannot run, ConnectionError when the check does not finish within ``timeout`` seconds (the
+    check job is then stopped, as on Ctrl-C; a finished one stays in the job list as a record:
+    Ray marks a job deleted right after it ended as FAILED)."""
+    required = required_distributions()
+    client.submit_job(entrypoint=env_probe_entrypoint(sorted(required)), runtime_env=runtime_env,
+                      submission_id=probe_id, **placement)
+    try:
+        status = wait(client, probe_id, timeout=timeout, follow=False, poll=0.5)
+    except KeyboardInterrupt:
+        client.stop_job(probe_id)
+        raise
+    if status == "TIMEOUT":
+        client.stop_job(probe_id)
+        raise ConnectionError(f"the cluster environment check (job {probe_id}) did not finish in "
+                              f"{timeout:.0f} s; --no-env-check skips it")
+    log = client.get_job_logs(probe_id)
+    report = parse_env_report(log)
+    if report is None:
+        lines = [ln.strip() for ln in _visible(log).splitlines() if ln.strip() and not _RAY_LINE.match(ln)]
+        why = lines[-1] if lines else f"job {status}"
+        raise ConfigError("cluster", f"the job's `python` could not run the environment check "
+                          f"({why}): {_ENV_FIX}")
+    problems = env_problems(report, required)
+    if problems:
+        listed = ", ".join(problems[:4]) + (f" and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ConfigError("cluster", f"the job's python ({report.get('python')}, Python "
+                          f"{report.get('version')}) lacks {listed}: {_ENV_FIX}")
+    return report
+
+
+def describe_env(report: dict[str, Any], names: Sequence[str] = ("flwr", "ray", "torch")) -> str:
+    """One line: the cluster's python and the versions of ``names``."""
+    dists = report.get("dists", {})
+    versions = ", ".join(f"{n} {dists[n]}" for n in names if dists.get(n))
+    return f"{report.get('python')} (Python {report.get('version')}), {versions}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,6 +365,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         client = _client(args.address, args.verbose)
         if args.fetch is None:
+            if not args.no_env_check:
+                runtime_env, placement = _job_spec(args, env, resources)
+                try:
+                    report = check_cluster_env(client, runtime_env, placement, f"{job_id}-envcheck")
+                except KeyboardInterrupt:
+                    print("\ninterrupted: nothing submitted", file=sys.stderr)
+                    return 130
+                print(f"cluster environment: {describe_env(report)}", flush=True)
             job_id = _submit(client, args, entry_args, job_id, env, resources)
             if args.no_wait:
                 print(f"fetch later: python -m simulations.submit --address {args.address} --fetch {job_id}")

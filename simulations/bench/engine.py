@@ -30,7 +30,7 @@ from simulations.bench.report import machine
 from simulations.results import read_metrics
 
 _MODEL = {"dataset": "mnist1d", "dataset_args": {"num_samples": 10000}, "test_fraction": 0.0,
-          "model": "mlp", "local_steps": 5, "batch_size": 16, "lr": 0.2, "seed": 0}
+          "model": "mlp", "local_steps": 5, "batch_size": 16, "lr": 0.2, "momentum": 0.0, "seed": 0}
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     "fedau": {**_MODEL, "strategy": "fedau", "num_clients": 100, "partition": "dirichlet", "alpha": 0.1,

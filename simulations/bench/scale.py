@@ -37,7 +37,8 @@ def one(num_clients: int, rounds: int, engine: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, {
             "num_clients": num_clients, "clients_per_round": num_clients // 10, "rounds": rounds,
-            "model": "mlp", "local_steps": 5, "engine": engine, "dataset_args": {"num_samples": samples},
+            "model": "mlp", "local_steps": 5, "lr": 0.05, "momentum": 0.0,  # the workload as documented
+            "engine": engine, "dataset_args": {"num_samples": samples},
             "out": str(Path(tmp) / "run"),
         })
         t0 = time.perf_counter()

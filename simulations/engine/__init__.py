@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 
 from fedagg.errors import ConfigError
 from simulations.engine.executors import InlineExecutor, RayExecutor, WorkerPool
+from simulations.engine.reaper import reaped
 from simulations.engine.sim_grid import SimGrid
 from simulations.simtime import expected_work
 
@@ -89,29 +90,33 @@ def sigterm_interrupts() -> Iterator[None]:
 
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[Any]:
-    """Connect to ``cfg.address`` or start a local Ray instance; shut down only what we started."""
+    """Connect to ``cfg.address`` or start a local Ray instance; shut down only what we started.
+
+    A local instance runs under :func:`~simulations.engine.reaper.reaped`: if this process dies
+    without shutting it down (``kill -9``, Ctrl-C during start-up), its processes are killed at
+    once instead of lingering for a minute."""
     if cfg.address is None or _loopback(cfg.address):
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
-                                  "log_to_driver": False}
-        if cfg.address is not None:
-            kwargs["address"] = cfg.address
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                              "log_to_driver": False}
+    if cfg.address is not None:
+        kwargs["address"] = cfg.address
+    with reaped() if cfg.address is None else contextlib.nullcontext():
         handler = signal.getsignal(signal.SIGTERM)
         ray.init(**kwargs)
-        started = True
         # ray.init replaces the SIGTERM handler (its core worker's aborts with a stack dump): put
         # back the one the application installed, e.g. sigterm_interrupts()
         if callable(handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
-    try:
-        yield ray
-    finally:
-        if started:
+        try:
+            yield ray
+        finally:
             ray.shutdown()
 
 
@@ -325,8 +330,9 @@ def run_with_flower(sim: Simulation) -> ArrayRecord:
         "client_resources": {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": cfg.ray.gpus_per_worker},
         "init_args": init_args,
     }
-    run_simulation(server_app=app, client_app=sim.client_app(), num_supernodes=cfg.num_clients,
-                   backend_config=backend_config)
+    with reaped() if cfg.ray.address is None else contextlib.nullcontext():  # see ray_session
+        run_simulation(server_app=app, client_app=sim.client_app(), num_supernodes=cfg.num_clients,
+                       backend_config=backend_config)
     if "error" in result:
         raise result["error"]
     if "arrays" not in result:

@@ -234,6 +234,93 @@ def test_submit_checks_its_input_before_contacting_the_cluster(tmp_path, capsys)
     assert submit.fetch_target(Path("runs/a"), "elsewhere") == Path("elsewhere")
 
 
+class FakeJobs:
+    """The part of Ray's ``JobSubmissionClient`` that ``submit`` uses. A job runs at once, here, as
+    the cluster would run it: its entrypoint in a shell whose ``PATH`` is ``path`` (the environment
+    of the ``ray start`` process) plus the job's ``env_vars``, in its working directory; its log
+    has the lines Ray adds (as Ray 2.55 writes them: a set-up line, then the output, then the
+    entrypoint echoed)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.jobs: dict[str, tuple[str, int, str]] = {}
+        self.stopped: list[str] = []
+
+    def submit_job(self, *, entrypoint: str, runtime_env: dict, submission_id: str, **_: object) -> str:
+        env = {"PATH": self.path, **runtime_env.get("env_vars", {})}
+        done = subprocess.run(entrypoint, shell=True, env=env, cwd=runtime_env["working_dir"],
+                              capture_output=True, text=True, timeout=120)
+        log = (f"2026-11-30 05:28:29,031\tINFO job_manager.py:587 -- Runtime env is setting up.\n"
+               f"{done.stdout}{done.stderr}Running entrypoint for job {submission_id}: {entrypoint}\n")
+        self.jobs[submission_id] = (entrypoint, done.returncode, log)
+        return submission_id
+
+    def get_job_status(self, job_id: str):
+        from ray.job_submission import JobStatus
+
+        return JobStatus.SUCCEEDED if self.jobs[job_id][1] == 0 else JobStatus.FAILED
+
+    def get_job_logs(self, job_id: str) -> str:
+        return self.jobs[job_id][2]
+
+    def get_job_info(self, job_id: str):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(message=f"Job entrypoint command failed with exit code {self.jobs[job_id][1]}")
+
+    def stop_job(self, job_id: str) -> bool:
+        self.stopped.append(job_id)
+        return False
+
+
+def _python_dir(tmp_path: Path, target: str) -> str:
+    """A directory holding only ``python`` → ``target`` (a cluster whose PATH finds that python)."""
+    d = tmp_path / f"bin-{Path(target).name}"
+    d.mkdir()
+    (d / "python").symlink_to(target)
+    return str(d)
+
+
+def test_env_check_reports_the_cluster_python_and_refuses_one_without_flwr(tmp_path, monkeypatch, capsys):
+    from fedagg.errors import ConfigError
+    from simulations import submit
+
+    required = submit.required_distributions()
+    assert {"flwr", "ray", "torch"} <= set(required) and required["flwr"] == "==1.41.0"
+    spec = {"working_dir": str(REPO), "env_vars": dict(submit.JOB_ENV)}
+    # A head started from this environment (its bin first on PATH): everything there.
+    good = FakeJobs(f"{VENV_BIN}{os.pathsep}/usr/bin:/bin")
+    report = submit.check_cluster_env(good, spec, {}, "probe-1")
+    assert report["python"] == str(VENV_BIN / "python") and report["dists"]["flwr"] == "1.41.0"
+    assert submit.env_problems(report, required) == [] and good.stopped == []
+    # A python without flwr (the system one, when it has none) is refused, naming what is missing.
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is None or subprocess.run([system, "-c", "import flwr"], capture_output=True).returncode == 0:
+        pytest.skip("no system python3 without flwr to stand for a bare cluster")
+    bare = FakeJobs(_python_dir(tmp_path, system))
+    with pytest.raises(ConfigError, match=r"^cluster: the job's python \(.*\) lacks (.*, )?flwr"):
+        submit.check_cluster_env(bare, spec, {}, "probe-2")
+    # No `python` on the PATH at all.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"could not run the environment check \(.*python: not found\)"):
+        submit.check_cluster_env(FakeJobs(str(empty)), spec, {}, "probe-3")
+    # A version outside the specifier is a problem too.
+    assert submit.env_problems({"dists": {"flwr": "1.40.0", "torch": None}}, {"flwr": "==1.41.0", "torch": ""}) \
+        == ["flwr 1.40.0 (needs ==1.41.0)", "torch"]
+    # The CLI: exit 2, one line, and the run itself is never submitted.
+    monkeypatch.setattr(submit, "_client", lambda address, verbose=False: bare)
+    code = submit.main(["--address", "http://cluster:8265", "--submission-id", "run-1", "--", "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "lacks" in err and "ray start" in err, err
+    assert list(bare.jobs) == ["probe-2", "run-1-envcheck"]
+    # With the check skipped the run is submitted (and, being a fake, fails to run here).
+    monkeypatch.setattr(submit, "_client", lambda address, verbose=False: bare)
+    assert submit.main(["--address", "http://c:8265", "--submission-id", "run-2", "--no-env-check",
+                        "--quiet", "--no-fetch", "--", "--rounds", "1"]) == 1
+    assert "run-2" in bare.jobs and "run-2-envcheck" not in bare.jobs
+
+
 # ------------------------------------------------------------------------------ the cluster
 def _free_ports(n: int, avoid: range) -> list[int]:
     """``n`` distinct free ports outside ``avoid`` (Ray refuses a port that two components share)."""
@@ -402,10 +489,28 @@ def test_jobs_on_a_local_cluster_and_clean_shutdown(tmp_path):
                                 "--ray-address", f"127.0.0.1:{cluster.gcs}"], cwd=REPO, env=env,
                                capture_output=True, text=True, timeout=300)
         print(f"sweep done after {time.monotonic() - t0:.1f} s")
+        # 4. a cluster whose `python` lacks flwr (the job's PATH finds the system python3, as for a
+        #    head started outside the project's environment): refused before the run is submitted.
+        system = shutil.which("python3", path="/usr/bin:/bin")
+        bare = None
+        if system and subprocess.run([system, "-c", "import flwr"], capture_output=True).returncode:
+            bare = subprocess.run(
+                [sys.executable, "-m", "simulations.submit", "--address", cluster.address, "--submission-id",
+                 "bare-1", "--env", f"PATH={_python_dir(tmp_path, system)}:/usr/bin:/bin", "--", *RUN, DATA],
+                cwd=REPO, env={k: v for k, v in _env().items() if not k.startswith("RAY_DASHBOARD")},
+                capture_output=True, text=True, timeout=300)
+            from ray.job_submission import JobSubmissionClient
+
+            jobs = {j.submission_id for j in JobSubmissionClient(cluster.address).list_jobs()}
         procs = _ours(cluster.proc.pid, cluster.tmp)
         socks = _sockets([cluster.proc.pid, *procs])
 
         assert submit.returncode == 0, sub_out
+        assert f"cluster environment: {VENV_BIN / 'python'} (Python" in sub_out
+        if bare is not None:
+            assert bare.returncode == 2 and bare.stderr.count("\n") == 1, bare.stdout + bare.stderr
+            assert bare.stderr.startswith("error: cluster: the job's python (") and "flwr" in bare.stderr
+            assert "bare-1-envcheck" in jobs and "bare-1" not in jobs
         assert cli.returncode == 0, cli.stdout + cli.stderr
         assert "succeeded" in (cli.stdout + cli.stderr).lower()
         # The job ran on our cluster (RAY_ADDRESS is its GCS), from the uploaded working dir.
