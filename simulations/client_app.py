@@ -32,7 +32,7 @@ from fedagg.registry import Registry
 from fedagg.rng import numpy_rng, torch_generator
 from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state, local_sgd, state_to_numpy
 from simulations.profiles import ProfileTable
-from strategies.arrays import to_numpy, to_record
+from strategies.arrays import config_record, to_numpy, to_record
 
 #: Client tasks: ``task(runtime, client_id, content, context) -> RecordDict`` (the reply content).
 TASKS: Registry[RecordDict] = Registry("client task")
@@ -177,14 +177,14 @@ class ClientRuntime:
         """The global model a message carries (``arrays``), decoded once per broadcast content:
         every client of a round gets the same RecordDict object, so a worker decodes it once."""
         if self._broadcast is None or self._broadcast[0] is not content:
-            self._broadcast = (content, to_numpy(content.array_records["arrays"]))
+            self._broadcast = (content, to_numpy(content["arrays"]))  # type: ignore[arg-type]
         return self._broadcast[1]
 
     def batch_reason(self, content: RecordDict) -> str | None:
         """Why train messages with ``content`` cannot be served by :meth:`train_batch` (None: they can)."""
         if not self.config.get("batched_clients", True):
             return "batched_clients is off"
-        config = content.config_records.get("config", ConfigRecord())
+        config = config_record(content)
         task = str(config.get("task", "train"))
         _register_family_tasks()
         if task not in BATCHED_TASKS:
@@ -215,7 +215,7 @@ class ClientRuntime:
         the batched call raises, gets the exception instead (the engine turns it into an error
         reply). Results equal the per-client path to float32 rounding."""
         content = messages[0].content
-        config = content.config_records.get("config", ConfigRecord())
+        config = config_record(content)
         server_round = int(config.get("server-round", 0))
         out: list[Message | Exception | None] = [None] * len(messages)
         jobs: list[ClientJob] = []
@@ -280,7 +280,7 @@ class ClientRuntime:
 
     def handle_train(self, msg: Message, context: Context) -> Message:
         cid = client_id(context)
-        config = msg.content.config_records.get("config", ConfigRecord())
+        config = config_record(msg.content)
         self.inject_faults(int(config.get("server-round", 0)), cid)
         task = str(config.get("task", "train"))
         _register_family_tasks()
@@ -322,7 +322,7 @@ def client_id(context: Context) -> int:
 @TASKS.register("train", doc="Local SGD from the broadcast model; reply with the local model.")
 def train_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Context) -> RecordDict:
     """Load the global model in place, run local SGD, reply ``arrays`` + ``metrics``."""
-    config = content.config_records.get("config", ConfigRecord())
+    config = config_record(content)
     model = rt.model()
     load_numpy_state(model, rt.broadcast_state(content))
     t = rt.tensors(cid)

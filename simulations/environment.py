@@ -21,6 +21,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from simulations.simtime import SimClock
+from strategies.arrays import array_records
 
 #: ``available(round) -> client ids`` (sorted).
 AvailabilityFn = Callable[[int], Sequence[int]]
@@ -45,7 +46,7 @@ class ExchangeStats:
 
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of the arrays a message carries (all its ArrayRecords)."""
-    return int(sum(len(a.data) for rec in content.array_records.values() for a in rec.values()))
+    return int(sum(len(a.data) for rec in array_records(content).values() for a in rec.values()))
 
 
 class EnvironmentGrid(Grid):

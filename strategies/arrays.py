@@ -14,7 +14,7 @@ import functools
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
 _NUMPY_STYPE = "numpy.ndarray"
@@ -74,6 +74,23 @@ def decode_array(array: Array) -> np.ndarray:
     return array.numpy()
 
 
+def array_records(content: RecordDict) -> dict[str, ArrayRecord]:
+    """The ArrayRecords of ``content`` by key. ``RecordDict.array_records`` builds a new typed
+    view on every access (tens of µs); this reads the records once."""
+    return {k: v for k, v in content.items() if isinstance(v, ArrayRecord)}
+
+
+def metric_records(content: RecordDict) -> list[MetricRecord]:
+    """The MetricRecords of ``content``, in order (see :func:`array_records`)."""
+    return [v for v in content.values() if isinstance(v, MetricRecord)]
+
+
+def config_record(content: RecordDict, key: str = "config") -> ConfigRecord:
+    """``content[key]`` if it is a ConfigRecord, else an empty one (see :func:`array_records`)."""
+    rec = content.get(key)
+    return rec if isinstance(rec, ConfigRecord) else ConfigRecord()
+
+
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     """``{name: ndarray}`` of an ArrayRecord, in record order."""
     return {k: decode_array(v) for k, v in record.items()}
@@ -110,11 +127,11 @@ class Layout:
             tuple(np.asarray(v).dtype for _, v in items),
         )
 
-    @property
+    @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
 
-    @property
+    @functools.cached_property
     def dim(self) -> int:
         return int(sum(self.sizes))
 

@@ -23,7 +23,7 @@ server optimiser on, a heavy-ball step on the aggregate (:class:`DeltaStrategy`,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -35,7 +35,7 @@ from flwr.supercore import log
 
 from fedagg.errors import ConfigError
 from fedagg.rng import numpy_rng
-from strategies.arrays import Layout, to_numpy, to_record
+from strategies.arrays import Layout, metric_records, to_numpy, to_record
 
 #: Updates with ``‖Δ‖ > ABSURD_UPDATE_RATIO · (‖global‖ + 1)`` are rejected whatever the strategy:
 #: no honest client moves a model a thousand times its own size in one round.
@@ -98,19 +98,23 @@ def _norm(v: np.ndarray) -> float:
 
 def update_problem(
     local: dict[str, np.ndarray], layout: Layout, global_flat: np.ndarray | None,
-    max_update_norm: float | None,
+    max_update_norm: float | None, *, flat: Callable[[], np.ndarray] | None = None,
 ) -> str | None:
-    """Why a client's local model is unusable (names/shapes, dtype, non-finite, norm), or None."""
+    """Why a client's local model is unusable (names/shapes, dtype, non-finite, norm), or None.
+    ``flat()``: ``layout.flatten(local)`` from the caller's cache (called once names and shapes
+    are known to match)."""
     why = layout.mismatch(local)
     if why is not None:
         return why
     for name, arr in local.items():
         if not np.issubdtype(np.asarray(arr).dtype, np.floating):
             return f"tensor {name!r} has dtype {np.asarray(arr).dtype}, expected floating point"
-        if not np.all(np.isfinite(arr)):
-            return f"tensor {name!r} contains NaN or Inf"
+    vector = layout.flatten(local) if flat is None else flat()
+    if not np.isfinite(vector).all():
+        bad = next(n for n, a in local.items() if not np.all(np.isfinite(a)))
+        return f"tensor {bad!r} contains NaN or Inf"
     if global_flat is not None:
-        norm = _norm(layout.flatten(local) - global_flat)
+        norm = _norm(vector - global_flat)
         if max_update_norm is not None and not norm <= max_update_norm:
             return f"update norm {norm:.3g} exceeds max_update_norm={max_update_norm:.3g}"
         limit = ABSURD_UPDATE_RATIO * (_norm(global_flat) + 1.0)
@@ -126,7 +130,7 @@ def reply_client_id(msg: Message) -> int:
 
 def reply_num_examples(msg: Message) -> float:
     """``num-examples`` from the reply's (first) MetricRecord; 0 if absent."""
-    for rec in msg.content.metric_records.values():
+    for rec in metric_records(msg.content):
         if "num-examples" in rec:
             return float(rec["num-examples"])  # type: ignore[arg-type]
     return 0.0
@@ -138,7 +142,7 @@ def mean_metrics(replies: Sequence[Message]) -> dict[str, float]:
     weights: dict[str, float] = {}
     for msg in replies:
         w = max(reply_num_examples(msg), 0.0) or 1.0
-        for rec in msg.content.metric_records.values():
+        for rec in metric_records(msg.content):
             for key, val in rec.items():
                 if key in NON_METRIC_KEYS or isinstance(val, list):
                     continue
@@ -186,6 +190,15 @@ class FedaggStrategy:
         self.current_global: ArrayRecord | None = None
         self.last_report: ScreenReport | None = None
         self._decoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
+        self._flat: dict[int, tuple[ArrayRecord, np.ndarray]] = {}
+
+    def flat(self, record: ArrayRecord, layout: Layout) -> np.ndarray:
+        """``layout.flatten(self.decoded(record))`` (float64), computed once per round."""
+        hit = self._flat.get(id(record))
+        if hit is None or hit[0] is not record:
+            hit = (record, layout.flatten(self.decoded(record)))
+            self._flat[id(record)] = hit
+        return hit[1]
 
     def decoded(self, record: ArrayRecord) -> dict[str, np.ndarray]:
         """``to_numpy(record)``, decoded once per round (Flower's ``Array.numpy()`` parses bytes)."""
@@ -208,7 +221,7 @@ class FedaggStrategy:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current_global = arrays
-        self._decoded = {}
+        self._decoded, self._flat = {}, {}
         selected = self.select_clients(server_round, grid)
         if not selected:
             log(INFO, "configure_train: no client available in round %d", server_round)
@@ -245,17 +258,19 @@ class FedaggStrategy:
                       global_flat: np.ndarray | None) -> str | None:
         """Why reply ``msg`` cannot be aggregated, or None. Override to check extra records."""
         content = msg.content
-        if self.arrayrecord_key not in content.array_records:
+        record = content.get(self.arrayrecord_key)
+        if not isinstance(record, ArrayRecord):
             return f"no ArrayRecord under {self.arrayrecord_key!r}"
-        if len(content.metric_records) != 1:
+        if len(metric_records(content)) != 1:
             return "expected exactly one MetricRecord"
         if layout is None:
             return None
         try:
-            local = self.decoded(content.array_records[self.arrayrecord_key])
+            local = self.decoded(record)
         except Exception as exc:  # malformed bytes
             return f"unreadable arrays ({exc})"
-        return update_problem(local, layout, global_flat, self.max_update_norm)
+        return update_problem(local, layout, global_flat, self.max_update_norm,
+                              flat=lambda: self.flat(record, layout))
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -448,9 +463,7 @@ class DeltaStrategy(FedaggStrategy, FedAvg):
         assert self.current_global is not None, "configure_train must run before aggregate_train"
         layout = Layout.of(self.current_global)
         g = layout.flatten(self.decoded(self.current_global))
-        deltas = np.stack([
-            layout.flatten(self.decoded(m.content.array_records[self.arrayrecord_key])) for m in replies
-        ]) - g
+        deltas = np.stack([self.flat(m.content[self.arrayrecord_key], layout) for m in replies]) - g
         n_ex = np.array([reply_num_examples(m) for m in replies], dtype=np.float64)
         ids = [reply_client_id(m) for m in replies]
         agg = np.asarray(self.aggregate_deltas(server_round, deltas, n_ex, ids), dtype=np.float64)

@@ -30,6 +30,7 @@ from simulations.engine.executors import InlineExecutor, RayExecutor, WorkerPool
 from simulations.engine.reaper import reaped
 from simulations.engine.sim_grid import SimGrid
 from simulations.simtime import expected_work
+from strategies.arrays import config_record
 
 log = logging.getLogger("fedagg")
 
@@ -278,8 +279,7 @@ def run_on_engine(sim: Simulation, engine: str | None = None) -> ArrayRecord:
 
 def _round_of(job: Any) -> int:
     """The server round a train job belongs to (its ConfigRecord's ``server-round``)."""
-    config = job.message.content.config_records.get("config")
-    return int(config.get("server-round", 0)) if config is not None else 0
+    return int(config_record(job.message.content).get("server-round", 0))
 
 
 def partition_map(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
