@@ -13,3 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import logging  # noqa: E402
 
 logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (as in a 1-CPU worker: reproducible float results), restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -51,12 +51,7 @@ MIXED = ({"momentum": 0.9, "max_grad_norm": 0.05, "weight_decay": 0.01}, {"proxi
          {}, {"momentum": 0.5, "proximal_mu": 0.1}, {"max_grad_norm": 1.0})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(sizes=SIZES, seed=0):

@@ -28,12 +28,7 @@ KEYS = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, -1]], dtype=torch
 SCALE_POOL = torch.tensor([[1.0, 1], [1.2, 0.8], [0.9, 1.1], [2, 2]], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

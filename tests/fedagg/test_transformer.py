@@ -16,14 +16,8 @@ from fedagg.models.transformer import (
 )
 from fedagg.registry import Registry
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine has 2 shared cores; one intra-op thread is much faster for these tiny models.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The test machine has 2 shared cores; one intra-op thread is much faster for these tiny models.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

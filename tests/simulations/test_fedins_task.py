@@ -12,13 +12,7 @@ from fedagg.rng import torch_generator
 from fedagg.training import LocalTrainConfig
 from simulations.tasks.fedins import train_pool
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup():
