@@ -27,3 +27,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cli_refuses(tmp_path, capsys):
+    """``cli_refuses(argv, field)``: ``python -m simulations.run ARGV`` exits 2 with one line
+    ``error: FIELD…`` on stderr and writes nothing."""
+
+    def check(argv: list[str], field: str) -> None:
+        from simulations import run as run_cli
+
+        out = tmp_path / "run"
+        code = run_cli.main([*argv, "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {field}"), err
+        assert not out.exists()
+
+    return check

@@ -27,14 +27,8 @@ from simulations.config import load_config
         (["ray.num_workers=0"], "ray.num_workers"),
     ],
 )
-def test_invalid_input_exits_2_with_one_line_naming_the_field(argv, field, tmp_path, capsys) -> None:
-    out = tmp_path / "run"
-    code = run_cli.main([*argv, "--out", str(out), "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"error: {field}"), err
-    assert not out.exists()
+def test_invalid_input_exits_2_with_one_line_naming_the_field(argv, field, cli_refuses) -> None:
+    cli_refuses(argv, field)
 
 
 def test_argparse_errors_are_one_line_too(capsys) -> None:
