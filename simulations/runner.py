@@ -306,7 +306,7 @@ class Simulation:
         t0 = time.perf_counter()
         from simulations.engine import choose_engine, run_on_engine
 
-        self.engine, why = ("flower-app", "a Flower ServerApp's grid") if grid is not None else choose_engine(self.cfg)
+        self.engine, why = ("flower", "a Flower ServerApp's grid") if grid is not None else choose_engine(self.cfg)
         if self.progress:
             print(f"engine: {self.engine} ({why})", file=sys.stderr)
         try:

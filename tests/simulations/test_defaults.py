@@ -17,7 +17,7 @@ def test_default_config_is_the_documented_one() -> None:
     assert (cfg.strategy, cfg.dataset, cfg.partition, cfg.model, cfg.num_clients) == \
         ("fedavg", "mnist1d", "iid", "cnn", 10)
     assert (cfg.rounds, cfg.local_steps, cfg.batch_size, cfg.lr, cfg.momentum) == (20, 20, 32, 0.1, 0.9)
-    assert cfg.participation.process == "always" and cfg.engine == "ray"
+    assert cfg.participation.process == "always" and cfg.engine == "auto"
 
 
 def test_default_run_learns(tmp_path) -> None:

@@ -229,8 +229,9 @@ def test_fedau_with_bernoulli_availability_learns_on_supernodes(federation, tmp_
     assert all(r["clients"] == r["sent"] == r["available"] and r["timeouts"] == 0 for r in rows[1:])
     assert "round 2/2" in status["log"]  # progress reaches `flwr run --stream` / `flwr log`
 
-    # the same run on the inline engine (one thread per client, as the SuperNodes here): same
-    # availability, the same model bit for bit, the same metrics (up to evaluation threads)
+    # the same run on the inline engine's per-client path (one thread per client, as the SuperNodes
+    # here, which call the ClientApp once per message): same availability, the same model bit for
+    # bit, the same metrics (up to evaluation threads)
     from simulations.config import load_config
     from simulations.results import load_arrays
     from simulations.runner import Simulation
@@ -239,7 +240,7 @@ def test_fedau_with_bernoulli_availability_learns_on_supernodes(federation, tmp_
                              "local_steps": 200, "momentum": 0.9, "batch_size": 32, "model": "mlp",
                              "participation": {"process": "bernoulli", "probabilities": {"mean": 0.7}},
                              "dataset_args": {"num_samples": 2000}, "engine": "inline",
-                             "out": str(tmp_path / "inline")})
+                             "batched_clients": False, "out": str(tmp_path / "inline")})
     ref = Simulation(cfg).run()
     assert [r["available"] for r in ref.rows[1:]] == [r["available"] for r in rows[1:]]
     for key in ("train_loss", "test_loss", "test_accuracy"):
