@@ -273,6 +273,13 @@ def late_mean(rounds: np.ndarray, acc: np.ndarray, last: int, end: float | None 
     return float(np.mean(acc[sel])) if sel.any() else float("nan")
 
 
+def diverged(run_dir: Path) -> bool:
+    """Whether the run's final global model (``model.safetensors``) has a non-finite parameter."""
+    from simulations.results import load_arrays
+
+    return not all(np.isfinite(a).all() for a in load_arrays(run_dir / "model.safetensors").values())
+
+
 def mean_participants(run_dir: Path) -> float:
     rows = grid.train_rows(run_dir)
     return float(np.mean([float(r["clients"]) for r in rows])) if rows else float("nan")
@@ -322,26 +329,39 @@ def chosen_values(tuning: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     """Per (pattern, method): per-seed headline (mean over the last ``last_rounds`` rounds),
-    final accuracy, the same window ``PLATEAU_GAP`` rounds earlier, curves; JSON-ready."""
+    final accuracy, the same window ``PLATEAU_GAP`` rounds earlier, whether the run diverged
+    (:func:`diverged`), curves; JSON-ready. Only complete cells (every seed finished) are
+    reported; :func:`missing_cells` names the others."""
     last = exp["last_rounds"]
     out: dict[str, Any] = {}
+    incomplete = {(j.pattern, j.method) for j in jobs if not _usable(j)}
     for job in jobs:
-        if not _usable(job):
+        if (job.pattern, job.method) in incomplete:
             continue
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir)
         cell = out.setdefault(job.pattern, {}).setdefault(
             job.method, {"seeds": [], "headline": [], "final": [], "earlier": [],
-                         "wall_seconds": [], "participants": [], "rounds": rounds.tolist(),
-                         "curves": []})
+                         "diverged": [], "wall_seconds": [], "participants": [],
+                         "rounds": rounds.tolist(), "curves": []})
         cell["seeds"].append(job.seed)
         cell["headline"].append(late_mean(rounds, acc, last))
         cell["final"].append(float(acc[-1]))
         cell["earlier"].append(late_mean(rounds, acc, last, float(rounds[-1]) - PLATEAU_GAP))
+        cell["diverged"].append(diverged(job.run_dir))
         cell["wall_seconds"].append(float(summary["wall_seconds"]))
         cell["participants"].append(mean_participants(job.run_dir))
         cell["curves"].append(acc.tolist())
     return out
+
+
+def missing_cells(jobs: Sequence[Job]) -> list[str]:
+    """``pattern/method (k of n seeds finished)`` for every cell with an unfinished run."""
+    cells: dict[tuple[str, str], list[bool]] = {}
+    for j in jobs:
+        cells.setdefault((j.pattern, j.method), []).append(_usable(j))
+    return [f"{p}/{m} ({sum(done)} of {len(done)} seeds finished)"
+            for (p, m), done in cells.items() if not all(done)]
 
 
 def paired_gap(results: Mapping[str, Any], pattern: str, a: str, b: str) -> np.ndarray | None:
@@ -355,25 +375,36 @@ def paired_gap(results: Mapping[str, Any], pattern: str, a: str, b: str) -> np.n
     return 100 * np.array([ha[s] - hb[s] for s in common]) if common else None
 
 
+def diverged_seeds(results: Mapping[str, Any], pattern: str, method: str) -> list[int]:
+    """The seeds whose run of ``method`` on ``pattern`` diverged."""
+    cell = results.get(pattern, {}).get(method)
+    if cell is None:
+        return []
+    return [s for s, d in zip(cell["seeds"], cell.get("diverged", []), strict=False) if d]
+
+
 def _gap_text(g: np.ndarray | None) -> str:
     if g is None or g.size == 0:
         return "–"
     return f"{g.mean():+.1f} ± {g.std(ddof=1):.1f}" if g.size > 1 else f"{g.mean():+.1f}"
 
 
-def claims(results: Mapping[str, Any], patterns: Sequence[str]) -> list[tuple[str, str, str]]:
+def claims(results: Mapping[str, Any], patterns: Sequence[str],
+           baselines: Sequence[str] = ("fedavg-participating", "fedavg-all"),
+           ) -> list[tuple[str, str, str]]:
     """The claim table's rows ``(claim, our number, verdict)``. Gaps are per-seed paired
-    differences of the headline, mean ± std (ddof 1) over seeds, in points. Verdicts: *above*
-    claims hold when the mean gap is positive in every pattern ("holds"; "every seed" when no
-    seed's gap is ≤ 0); the oracle claim holds when ``known-p − fedau`` ≤ ``ORACLE_POINTS`` in
-    every pattern; MIFA/FedVarp "may be higher" is reported, not judged."""
+    differences of the headline, mean ± std (ddof 1) over seeds, in points. Verdicts: "FedAU
+    above" each of ``baselines`` holds when the mean gap is positive in every pattern ("every
+    seed" when no seed's gap is ≤ 0; pairs whose baseline run diverged are counted in the
+    verdict); the oracle claim holds when ``known-p − fedau`` ≤ ``ORACLE_POINTS`` in every
+    pattern; MIFA/FedVarp "may be higher" is reported, not judged."""
     rows = []
 
     def per_pattern(a: str, b: str) -> tuple[str, dict[str, np.ndarray]]:
         gaps = {p: g for p in patterns if (g := paired_gap(results, p, a, b)) is not None}
         return ", ".join(f"{p} {_gap_text(g)}" for p, g in gaps.items()), gaps
 
-    for base in ("fedavg-participating", "fedavg-all"):
+    for base in baselines:
         text, gaps = per_pattern("fedau", base)
         if not gaps:
             continue
@@ -386,6 +417,10 @@ def claims(results: Mapping[str, Any], patterns: Sequence[str]) -> list[tuple[st
             worse = sum(int((g <= 0).sum()) for g in gaps.values())
             n = sum(g.size for g in gaps.values())
             verdict = f"**holds** on average (below in {worse} of {n} seed-pattern pairs)"
+        div = sum(len(diverged_seeds(results, p, base)) for p in gaps)
+        if div:
+            n = sum(g.size for g in gaps.values())
+            verdict += f"; in {div} of the {n} pairs the `{base}` run diverged"
         rows.append((f"FedAU above `{base}` in every pattern", f"FedAU − {base}: {text}",
                      verdict))
     text, gaps = per_pattern("known-p", "fedau")
@@ -405,17 +440,30 @@ def claims(results: Mapping[str, Any], patterns: Sequence[str]) -> list[tuple[st
     return rows
 
 
-def claims_report(exp: Mapping[str, Any], results: Mapping[str, Any]) -> str:
-    """The claim table written at the top of the docs page."""
+def baseline_methods(exp: Mapping[str, Any]) -> list[str]:
+    """The methods (config order) that run ``fedavg-participating`` or ``fedavg-all``: the
+    baselines FedAU is claimed to beat."""
+    return [m for m, over in exp["methods"].items()
+            if over.get("strategy") in ("fedavg-participating", "fedavg-all")]
+
+
+def claims_report(exp: Mapping[str, Any], results: Mapping[str, Any],
+                  missing: Sequence[str] = ()) -> str:
+    """The claim table written at the top of the docs page (``missing``: unfinished cells)."""
     any_cell = next(iter(next(iter(results.values())).values()))
-    lines = [
+    lines = [] if not missing else [
+        f"**The grid is not finished**: {len(missing)} cells are missing ({', '.join(missing)}). "
+        "The verdicts below cover only the finished cells; \"every pattern\" means every "
+        "pattern with a finished pair.", ""]
+    lines += [
         f"Our numbers: mean test accuracy over the last {exp['last_rounds']} rounds, per-seed "
         f"paired differences in points, mean ± std (ddof 1) over {len(any_cell['seeds'])} seeds "
         f"({', '.join(str(s) for s in any_cell['seeds'])}), {exp['base']['rounds']} rounds.",
         "",
         "| paper's claim | our number (points) | verdict |",
         "|---|---|---|",
-        *(f"| {c} | {n} | {v} |" for c, n, v in claims(results, list(exp["patterns"]))),
+        *(f"| {c} | {n} | {v} |" for c, n, v in claims(results, list(exp["patterns"]),
+                                                          baseline_methods(exp))),
     ]
     return "\n".join(lines)
 
@@ -443,7 +491,7 @@ def tuning_table(exp: Mapping[str, Any], tuning: Mapping[str, Any]) -> str:
 
 
 def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[str, Any],
-           walls: Mapping[str, float]) -> str:
+           walls: Mapping[str, float], missing: Sequence[str] = ()) -> str:
     """The markdown section written into the docs page (after the claims)."""
     methods = list(exp["methods"])
     b = exp["base"]
@@ -468,6 +516,8 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[s
         "",
         grid.method_table(results, methods, "headline"),
         "",
+        *([f"Not finished (left out of every table): {', '.join(missing)}.", ""]
+          if missing else []),
         "**FedAU against the baselines**, per-seed paired differences of the numbers above "
         "(points), mean ± std over seeds, and each seed's difference:",
         "",
@@ -477,14 +527,22 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[s
     ]
     for p in results:
         g = paired_gap(results, p, "fedau", "fedavg-participating")
-        seeds = ", ".join(f"{x:+.1f}" for x in g) if g is not None else "–"
+        div = set(diverged_seeds(results, p, "fedavg-participating"))
+        common = sorted(set(results[p].get("fedau", {}).get("seeds", []))
+                        & set(results[p].get("fedavg-participating", {}).get("seeds", [])))
+        seeds = ", ".join(f"{x:+.1f}" + (" (diverged)" if s in div else "")
+                          for s, x in zip(common, g, strict=True)) if g is not None else "–"
         lines.append(
             f"| {p} | {_gap_text(g)} | {seeds} | "
             f"{_gap_text(paired_gap(results, p, 'fedau-k50', 'fedavg-participating'))} | "
             f"{_gap_text(paired_gap(results, p, 'fedau', 'fedavg-all'))} | "
             f"{_gap_text(paired_gap(results, p, 'fedau', 'known-p'))} |")
+    gone = [f"{p}/{m} seed {s}" for p in results for m in methods
+            for s in diverged_seeds(results, p, m)]
+    lines += ["", "Diverged runs (a non-finite final model; their accuracy is chance): "
+              + (", ".join(gone) if gone else "none") + "."]
     e0 = rounds - PLATEAU_GAP
-    lines += [
+    lines += [] if e0 < last else [
         "",
         f"**Plateau check**: the headline minus the mean over rounds {e0 - last + 1}–{e0} "
         f"(evaluated every {b.get('eval_every', 1)} rounds there), mean over seeds, points; "
@@ -499,7 +557,8 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[s
             c = results[p].get(m)
             cells.append("–" if c is None else
                          f"{100 * np.mean(np.subtract(c['headline'], c['earlier'])):+.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        if e0 >= last:
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if tuning:
         t = exp["tuning"]
         where = ("each pattern separately" if t["pattern"] == "each"
@@ -685,9 +744,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     atomic_write_text(out / "results.json", json.dumps(
         {"config": exp, "tuning": tuning, "chosen": chosen_values(tuning) if tuning else {},
-         "results": results, "weights": stats, "wall_seconds": walls}, indent=1))
-    text = report(exp, results, tuning, walls)
-    head = claims_report(exp, results)
+         "results": results, "missing": missing_cells(jobs), "weights": stats,
+         "wall_seconds": walls}, indent=1))
+    missing = missing_cells(jobs)
+    text = report(exp, results, tuning, walls, missing)
+    head = claims_report(exp, results, missing)
     print(head + "\n\n" + text)
     figures.mkdir(parents=True, exist_ok=True)
     plot_convergence(results, list(exp["methods"]), figures / "fedau_convergence.png")

@@ -82,24 +82,31 @@ def test_experiment_config_has_the_required_grid():
     assert exp["patterns"]["cyclic"]["args"] == {"period": 100}
     assert set(exp["patterns"]) == {"bernoulli", "markov", "cyclic"}
     assert len(exp["seeds"]) >= 3
-    assert set(exp["methods"]) == {"fedau", "fedau-k50", "fedavg-participating", "fedavg-all",
-                                   "known-p", "mifa", "fedvarp"}
+    paper = ["fedau", "fedau-k50", "fedavg-participating", "fedavg-all", "known-p", "mifa",
+             "fedvarp"]
+    assert set(paper) <= set(exp["methods"])
     assert exp["methods"]["fedau-k50"]["strategy_args"]["cutoff"] == 50
+    # the one extra row: fedavg-participating one grid step below its tuned lr, not tuned
+    extra = set(exp["methods"]) - set(paper)
+    assert extra == {"fedavg-participating-lr0.562"}
+    assert exp_fedau.tune_grid(exp, "fedavg-participating-lr0.562") is None
+    assert exp_fedau.baseline_methods(exp) == ["fedavg-participating", "fedavg-all",
+                                               "fedavg-participating-lr0.562"]
     # headline: the last 50 rounds, every one of them evaluated
     assert exp["last_rounds"] == 50 and base["eval_last"] >= 50
     # tuning: every method, a grid in steps of 10^0.25, on a seed the table does not use
     assert exp["tuning"]["seed"] not in exp["seeds"] and exp["tuning"]["pattern"] == "bernoulli"
-    for method in exp["methods"]:
+    for method in paper:
         key, values = exp_fedau.tune_grid(exp, method)
         assert key == "lr"
         np.testing.assert_allclose(np.diff(np.log10(values)), 0.25, atol=0.01)
     assert exp["methods"]["fedavg-all"]["server_lr"] == 10.0
     tune = exp_fedau.make_tune_jobs(exp, exp_fedau.Path("runs/x"))  # validates every config
-    sizes = [len(exp_fedau.tune_grid(exp, m)[1]) for m in exp["methods"]]
+    sizes = [len(exp_fedau.tune_grid(exp, m)[1]) for m in paper]
     assert min(sizes) >= 4 and len(tune) == sum(sizes) and {j.config["rounds"] for j in tune} == {exp["tuning"]["rounds"]}
     assert {j.seed for j in tune} == {exp["tuning"]["seed"]}
     jobs = exp_fedau.make_jobs(exp, exp_fedau.Path("runs/x"))
-    assert len(jobs) == 3 * 7 * len(exp["seeds"])
+    assert len(jobs) == 3 * len(exp["methods"]) * len(exp["seeds"])
     assert len({j.run_dir for j in [*jobs, *tune]}) == len(jobs) + len(tune)
     quick = exp_fedau.load_experiment(quick=True)
     assert quick["seeds"] == [0] and quick["base"]["rounds"] < base["rounds"]
@@ -170,6 +177,13 @@ def test_claim_verdicts():
     assert verdicts["FedAU above `fedavg-participating` in every pattern"] == \
         "**no** (not above in m)"
     assert verdicts["FedAU within a couple of points of the `known-p` oracle"].startswith("**no**")
+    # a pair whose baseline run diverged is named in the verdict
+    res = _results({"b": ok})
+    res["b"]["fedavg-participating"]["diverged"] = [False, False, True]
+    verdicts = {c: v for c, _, v in exp_fedau.claims(res, ["b"])}
+    assert verdicts["FedAU above `fedavg-participating` in every pattern"].endswith(
+        "in 1 of the 3 pairs the `fedavg-participating` run diverged")
+    assert exp_fedau.diverged_seeds(res, "b", "fedavg-participating") == [2]
 
 
 TUNED = {
@@ -222,6 +236,7 @@ def test_experiment_driver_end_to_end(tmp_path):
             assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == best
     cell = res["results"]["bernoulli"]["fedau"]
     assert cell["seeds"] == [0, 1] and cell["rounds"] == [0.0, 3.0, 5.0, 6.0]
+    assert cell["diverged"] == [False, False]
     rows = [r for r in read_metrics(out / "bernoulli" / "fedau" / "seed-0") if r["phase"] == "train"]
     assert cell["headline"][0] == pytest.approx(np.mean([float(r["test_accuracy"]) for r in rows[-2:]]))
     part = load_arrays(out / "bernoulli" / "fedau" / "seed-0" / "participation.safetensors")
@@ -231,6 +246,15 @@ def test_experiment_driver_end_to_end(tmp_path):
     mtime = summary.stat().st_mtime
     assert exp_fedau.main(argv) == 0
     assert summary.stat().st_mtime == mtime
+    # an unfinished run: its whole cell is left out of the tables and named as missing
+    (out / "bernoulli" / "fedavg-participating" / "seed-1" / "summary.json").unlink()
+    assert exp_fedau.main([*argv, "--report-only"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["missing"] == ["bernoulli/fedavg-participating (1 of 2 seeds finished)"]
+    assert "fedavg-participating" not in res["results"]["bernoulli"]
+    assert "**The grid is not finished**" in docs.read_text()
+    assert exp_fedau.main(argv) == 0  # runs it again
+    assert json.loads((out / "results.json").read_text())["missing"] == []
     # a different chosen value makes the table's runs stale: they are redone, not reused
     other = [0.01, 0.3][1 - [0.01, 0.3].index(best)]
     TUNED2 = {**TUNED, "methods": {**TUNED["methods"],
@@ -265,3 +289,12 @@ def test_cyclic_rate_is_on_rounds_over_the_cycle():
     # on max(1, round(20 p)) = 1, 2, 11 rounds; off max(1, 20 − on) = 19, 18, 9 rounds
     np.testing.assert_allclose(exp_fedau.availability_rate(proc, p), [1 / 20, 2 / 20, 11 / 20])
     np.testing.assert_array_equal(exp_fedau.availability_rate(None, p), p)
+
+
+def test_diverged_reads_the_final_model(tmp_path):
+    from simulations.results import save_arrays
+
+    save_arrays(tmp_path / "model.safetensors", {"w": np.ones((2, 2)), "b": np.zeros(2)})
+    assert not exp_fedau.diverged(tmp_path)
+    save_arrays(tmp_path / "model.safetensors", {"w": np.ones((2, 2)), "b": np.array([0, np.nan])})
+    assert exp_fedau.diverged(tmp_path)
