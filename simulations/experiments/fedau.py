@@ -280,6 +280,14 @@ def diverged(run_dir: Path) -> bool:
     return not all(np.isfinite(a).all() for a in load_arrays(run_dir / "model.safetensors").values())
 
 
+def collapsed(acc: np.ndarray, headline: float, run_dir: Path) -> bool:
+    """Whether a run broke down: its headline is below half of its best evaluated accuracy
+    (``acc``: every evaluation), or its final model is not finite (:func:`diverged`). The
+    runner rejects non-finite and absurd updates, so a run that blows up usually ends as a
+    finite model stuck near chance rather than as NaN."""
+    return bool(headline < 0.5 * float(np.max(acc))) or diverged(run_dir)
+
+
 def mean_participants(run_dir: Path) -> float:
     rows = grid.train_rows(run_dir)
     return float(np.mean([float(r["clients"]) for r in rows])) if rows else float("nan")
@@ -329,8 +337,8 @@ def chosen_values(tuning: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     """Per (pattern, method): per-seed headline (mean over the last ``last_rounds`` rounds),
-    final accuracy, the same window ``PLATEAU_GAP`` rounds earlier, whether the run diverged
-    (:func:`diverged`), curves; JSON-ready. Only complete cells (every seed finished) are
+    final accuracy, the same window ``PLATEAU_GAP`` rounds earlier, whether the run collapsed
+    (:func:`collapsed`), curves; JSON-ready. Only complete cells (every seed finished) are
     reported; :func:`missing_cells` names the others."""
     last = exp["last_rounds"]
     out: dict[str, Any] = {}
@@ -342,13 +350,14 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
         summary = grid.read_summary(job.run_dir)
         cell = out.setdefault(job.pattern, {}).setdefault(
             job.method, {"seeds": [], "headline": [], "final": [], "earlier": [],
-                         "diverged": [], "wall_seconds": [], "participants": [],
+                         "collapsed": [], "wall_seconds": [], "participants": [],
                          "rounds": rounds.tolist(), "curves": []})
         cell["seeds"].append(job.seed)
-        cell["headline"].append(late_mean(rounds, acc, last))
+        head = late_mean(rounds, acc, last)
+        cell["headline"].append(head)
         cell["final"].append(float(acc[-1]))
         cell["earlier"].append(late_mean(rounds, acc, last, float(rounds[-1]) - PLATEAU_GAP))
-        cell["diverged"].append(diverged(job.run_dir))
+        cell["collapsed"].append(collapsed(acc, head, job.run_dir))
         cell["wall_seconds"].append(float(summary["wall_seconds"]))
         cell["participants"].append(mean_participants(job.run_dir))
         cell["curves"].append(acc.tolist())
@@ -375,12 +384,25 @@ def paired_gap(results: Mapping[str, Any], pattern: str, a: str, b: str) -> np.n
     return 100 * np.array([ha[s] - hb[s] for s in common]) if common else None
 
 
-def diverged_seeds(results: Mapping[str, Any], pattern: str, method: str) -> list[int]:
-    """The seeds whose run of ``method`` on ``pattern`` diverged."""
+def collapsed_seeds(results: Mapping[str, Any], pattern: str, method: str) -> list[int]:
+    """The seeds whose run of ``method`` on ``pattern`` collapsed (:func:`collapsed`)."""
     cell = results.get(pattern, {}).get(method)
     if cell is None:
         return []
-    return [s for s, d in zip(cell["seeds"], cell.get("diverged", []), strict=False) if d]
+    return [s for s, d in zip(cell["seeds"], cell.get("collapsed", []), strict=False) if d]
+
+
+def _per_seed_text(results: Mapping[str, Any], pattern: str, a: str, b: str) -> str:
+    """Each seed's ``a − b`` gap (points), ``(collapsed)`` after a seed where either run
+    collapsed."""
+    g = paired_gap(results, pattern, a, b)
+    if g is None:
+        return "–"
+    cells = results[pattern]
+    common = sorted(set(cells[a]["seeds"]) & set(cells[b]["seeds"]))
+    gone = set(collapsed_seeds(results, pattern, a)) | set(collapsed_seeds(results, pattern, b))
+    return ", ".join(f"{x:+.1f}" + (" (collapsed)" if s in gone else "")
+                     for s, x in zip(common, g, strict=True))
 
 
 def _gap_text(g: np.ndarray | None) -> str:
@@ -395,7 +417,7 @@ def claims(results: Mapping[str, Any], patterns: Sequence[str],
     """The claim table's rows ``(claim, our number, verdict)``. Gaps are per-seed paired
     differences of the headline, mean ± std (ddof 1) over seeds, in points. Verdicts: "FedAU
     above" each of ``baselines`` holds when the mean gap is positive in every pattern ("every
-    seed" when no seed's gap is ≤ 0; pairs whose baseline run diverged are counted in the
+    seed" when no seed's gap is ≤ 0; pairs whose baseline run collapsed are counted in the
     verdict); the oracle claim holds when ``known-p − fedau`` ≤ ``ORACLE_POINTS`` in every
     pattern; MIFA/FedVarp "may be higher" is reported, not judged."""
     rows = []
@@ -417,10 +439,10 @@ def claims(results: Mapping[str, Any], patterns: Sequence[str],
             worse = sum(int((g <= 0).sum()) for g in gaps.values())
             n = sum(g.size for g in gaps.values())
             verdict = f"**holds** on average (below in {worse} of {n} seed-pattern pairs)"
-        div = sum(len(diverged_seeds(results, p, base)) for p in gaps)
+        div = sum(len(collapsed_seeds(results, p, base)) for p in gaps)
         if div:
             n = sum(g.size for g in gaps.values())
-            verdict += f"; in {div} of the {n} pairs the `{base}` run diverged"
+            verdict += f"; in {div} of the {n} pairs the `{base}` run collapsed"
         rows.append((f"FedAU above `{base}` in every pattern", f"FedAU − {base}: {text}",
                      verdict))
     text, gaps = per_pattern("known-p", "fedau")
@@ -518,28 +540,28 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[s
         "",
         *([f"Not finished (left out of every table): {', '.join(missing)}.", ""]
           if missing else []),
-        "**FedAU against the baselines**, per-seed paired differences of the numbers above "
-        "(points), mean ± std over seeds, and each seed's difference:",
+        "**FedAU against the baselines**: per-seed paired differences of the numbers above "
+        "(points), mean ± std over seeds; then each seed's difference (seeds "
+        f"{', '.join(str(s) for s in any_cell['seeds'])}):",
         "",
-        "| pattern | FedAU − fedavg-participating | per seed | FedAU-K50 − fedavg-participating "
-        "| FedAU − fedavg-all | FedAU − known-p |",
-        "|---|---:|---|---:|---:|---:|",
     ]
+    pairs = [("fedau", b) for b in baseline_methods(exp)] + [("fedau", "known-p")] + [
+        ("fedau-k50", b) for b in baseline_methods(exp)[:1]]
+    pairs = [(a, b) for a, b in pairs if a in methods and b in methods]
+    lines += ["| pattern | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
+              "|---|" + "---:|" * len(pairs)]
     for p in results:
-        g = paired_gap(results, p, "fedau", "fedavg-participating")
-        div = set(diverged_seeds(results, p, "fedavg-participating"))
-        common = sorted(set(results[p].get("fedau", {}).get("seeds", []))
-                        & set(results[p].get("fedavg-participating", {}).get("seeds", [])))
-        seeds = ", ".join(f"{x:+.1f}" + (" (diverged)" if s in div else "")
-                          for s, x in zip(common, g, strict=True)) if g is not None else "–"
-        lines.append(
-            f"| {p} | {_gap_text(g)} | {seeds} | "
-            f"{_gap_text(paired_gap(results, p, 'fedau-k50', 'fedavg-participating'))} | "
-            f"{_gap_text(paired_gap(results, p, 'fedau', 'fedavg-all'))} | "
-            f"{_gap_text(paired_gap(results, p, 'fedau', 'known-p'))} |")
+        lines.append(f"| {p} | " + " | ".join(_gap_text(paired_gap(results, p, a, b))
+                                              for a, b in pairs) + " |")
+    lines += ["", "| pattern | " + " | ".join(f"{a} − {b}, per seed" for a, b in pairs) + " |",
+              "|---|" + "---|" * len(pairs)]
+    for p in results:
+        lines.append(f"| {p} | " + " | ".join(_per_seed_text(results, p, a, b)
+                                              for a, b in pairs) + " |")
     gone = [f"{p}/{m} seed {s}" for p in results for m in methods
-            for s in diverged_seeds(results, p, m)]
-    lines += ["", "Diverged runs (a non-finite final model; their accuracy is chance): "
+            for s in collapsed_seeds(results, p, m)]
+    lines += ["", "Collapsed runs (the headline below half of the run's best accuracy, or a "
+              "non-finite final model): "
               + (", ".join(gone) if gone else "none") + "."]
     e0 = rounds - PLATEAU_GAP
     lines += [] if e0 < last else [

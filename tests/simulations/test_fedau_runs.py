@@ -177,13 +177,13 @@ def test_claim_verdicts():
     assert verdicts["FedAU above `fedavg-participating` in every pattern"] == \
         "**no** (not above in m)"
     assert verdicts["FedAU within a couple of points of the `known-p` oracle"].startswith("**no**")
-    # a pair whose baseline run diverged is named in the verdict
+    # a pair whose baseline run collapsed is named in the verdict
     res = _results({"b": ok})
-    res["b"]["fedavg-participating"]["diverged"] = [False, False, True]
+    res["b"]["fedavg-participating"]["collapsed"] = [False, False, True]
     verdicts = {c: v for c, _, v in exp_fedau.claims(res, ["b"])}
     assert verdicts["FedAU above `fedavg-participating` in every pattern"].endswith(
-        "in 1 of the 3 pairs the `fedavg-participating` run diverged")
-    assert exp_fedau.diverged_seeds(res, "b", "fedavg-participating") == [2]
+        "in 1 of the 3 pairs the `fedavg-participating` run collapsed")
+    assert exp_fedau.collapsed_seeds(res, "b", "fedavg-participating") == [2]
 
 
 TUNED = {
@@ -236,7 +236,7 @@ def test_experiment_driver_end_to_end(tmp_path):
             assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == best
     cell = res["results"]["bernoulli"]["fedau"]
     assert cell["seeds"] == [0, 1] and cell["rounds"] == [0.0, 3.0, 5.0, 6.0]
-    assert cell["diverged"] == [False, False]
+    assert cell["collapsed"] == [False, False]
     rows = [r for r in read_metrics(out / "bernoulli" / "fedau" / "seed-0") if r["phase"] == "train"]
     assert cell["headline"][0] == pytest.approx(np.mean([float(r["test_accuracy"]) for r in rows[-2:]]))
     part = load_arrays(out / "bernoulli" / "fedau" / "seed-0" / "participation.safetensors")
@@ -277,7 +277,8 @@ def test_quick_variant_runs_the_whole_pipeline(tmp_path):
     exp = exp_fedau.load_experiment(quick=True)
     assert set(res["results"]) == set(exp["patterns"])
     assert all(set(cells) == set(exp["methods"]) for cells in res["results"].values())
-    assert set(res["chosen"]["cyclic"]) == set(exp["methods"])
+    tuned = {m for m in exp["methods"] if exp_fedau.tune_grid(exp, m) is not None}
+    assert set(res["chosen"]["cyclic"]) == tuned and len(tuned) == 7
     assert (out / "fedau_convergence.png").is_file()
 
 
@@ -291,10 +292,13 @@ def test_cyclic_rate_is_on_rounds_over_the_cycle():
     np.testing.assert_array_equal(exp_fedau.availability_rate(None, p), p)
 
 
-def test_diverged_reads_the_final_model(tmp_path):
+def test_collapsed_is_a_fall_below_half_the_best_or_a_non_finite_model(tmp_path):
     from simulations.results import save_arrays
 
+    acc = np.array([0.1, 0.5, 0.6, 0.3])
     save_arrays(tmp_path / "model.safetensors", {"w": np.ones((2, 2)), "b": np.zeros(2)})
     assert not exp_fedau.diverged(tmp_path)
+    assert not exp_fedau.collapsed(acc, 0.3, tmp_path)       # exactly half the best: kept
+    assert exp_fedau.collapsed(acc, 0.29, tmp_path)
     save_arrays(tmp_path / "model.safetensors", {"w": np.ones((2, 2)), "b": np.array([0, np.nan])})
-    assert exp_fedau.diverged(tmp_path)
+    assert exp_fedau.diverged(tmp_path) and exp_fedau.collapsed(acc, 0.6, tmp_path)
