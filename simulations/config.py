@@ -159,6 +159,7 @@ class RunConfig(_Strict):
     min_replies: int = Field(1, ge=0)
     max_update_norm: float | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1)
+    eval_last: int = Field(0, ge=0)
     evaluate_clients: float = Field(0.0, ge=0, le=1)
     # environment
     participation: ParticipationConfig = Field(default_factory=ParticipationConfig)
@@ -198,6 +199,11 @@ class RunConfig(_Strict):
             return Path(self.out)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         return Path("runs") / f"{self.strategy}-{stamp}"
+
+    def evaluates(self, rnd: int) -> bool:
+        """Whether the server evaluates after round ``rnd`` (1-based): every ``eval_every``-th
+        round, every one of the last ``eval_last`` rounds, and the last round."""
+        return rnd % self.eval_every == 0 or rnd > self.rounds - self.eval_last or rnd == self.rounds
 
     def resolved_partition_args(self) -> dict[str, Any]:
         """``partition_args`` with the ``alpha`` shortcut folded in."""
@@ -359,6 +365,11 @@ def _validate_no_ops(cfg: RunConfig) -> None:
     if cfg.local_steps == 0 and not any(p.local_steps for p in cfg.profiles):
         raise ConfigError("local_steps", "must be >= 1: with 0 local steps clients send back the "
                           "model they received and the run learns nothing")
+    if cfg.eval_last and cfg.eval_every == 1:
+        raise ConfigError("eval_last", "only matters with eval_every > 1 (every round is evaluated "
+                          "already); drop it or raise eval_every")
+    if cfg.eval_last > cfg.rounds:
+        raise ConfigError("eval_last", f"must be at most rounds={cfg.rounds} (got {cfg.eval_last})")
     if cfg.server_lr == 0:
         raise ConfigError("server_lr", "must be > 0: with server_lr 0 the global model never "
                           "changes (1.0 applies the aggregate as is)")

@@ -55,9 +55,10 @@ PERCENT = {"test_accuracy", "client_test_accuracy"}
 #: only in them (and the seed) are averaged into one curve: where the run is written (``out``), how the
 #: clients are executed (``engine``, ``ray``, ``device``: the engines give the same results), how often
 #: the state is saved (``checkpoint_every``, ``keep_checkpoints``), and which rounds the server
-#: evaluates (``eval_every``: evaluation never feeds back into training; rounds a run did not evaluate
-#: are skipped by the mean).
-NEUTRAL_KEYS = ("out", "engine", "ray", "device", "checkpoint_every", "keep_checkpoints", "eval_every")
+#: evaluates (``eval_every``, ``eval_last``: evaluation never feeds back into training; rounds a run did
+#: not evaluate are skipped by the mean).
+NEUTRAL_KEYS = ("out", "engine", "ray", "device", "checkpoint_every", "keep_checkpoints", "eval_every",
+                "eval_last")
 #: The key runs of one curve differ in.
 SEED_KEY = "seed"
 #: The key every curve label starts with, shown bare (``fedavg``, not ``strategy=fedavg``).

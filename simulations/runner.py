@@ -227,7 +227,7 @@ class Simulation:
                 extra = dict(metrics.items()) if metrics is not None else {}
                 row["clients"] = int(extra.pop("clients", env.last_exchange.replies))
                 row["train_loss"] = float(extra.pop("train_loss", float("nan")))
-                if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                if cfg.evaluates(rnd):
                     row["test_loss"], row["test_accuracy"] = self.evaluate(self.reported(arrays))
                 else:
                     row["test_loss"] = row["test_accuracy"] = float("nan")

@@ -1,27 +1,35 @@
-"""``python -m simulations.experiments.fedau``: the FedAU experiment of docs/fedau.md.
+"""``python -m simulations.experiments.fedau``: the FedAU study of docs/fedau.md.
 
-    nice -n 10 python -m simulations.experiments.fedau            # the full grid (5 seeds)
-    python -m simulations.experiments.fedau --quick               # smoke run: 1 seed, 20 rounds
+    nice -n 10 python -m simulations.experiments.fedau            # tuning, then the table's grid
+    python -m simulations.experiments.fedau --quick               # smoke run of the whole pipeline
 
-Runs every (availability pattern × method × seed) of ``simulations/configs/fedau_mnist1d.yaml``
-with the inline engine, ``--workers`` runs at a time (process pool, default 2), into
-``--out/<pattern>/<method>/seed-<s>/`` (default ``runs/fedau_mnist1d``; ``--quick`` uses
-``runs/fedau_mnist1d_quick``). Each run directory also gets ``participation.safetensors``
-(``p: (N,)`` the true p_n, ``rate: (N,)`` the long-run availability rate of the pattern, which for
-``cyclic`` is ``A_n / (A_n + B_n)``, not exactly p_n). Finished runs are reused (``--fresh`` redoes
-them; ``--report-only`` runs nothing).
+Two stages, both resumable sweeps (a finished run whose ``config.yaml`` matches its cell is
+reused; ``--fresh`` redoes them, ``--report-only`` runs nothing), ``--workers`` runs at a time
+with the inline engine:
 
-Then it writes ``results.json`` into ``--out``, the tables between ``<!-- fedau:results -->`` and
-``<!-- /fedau:results -->`` in ``--docs`` (default ``docs/fedau.md``; ``--quick`` writes no docs
-unless ``--docs`` is given) and the figures ``fedau_convergence.png`` (test accuracy per round, one
-panel per pattern, mean ± std over seeds) and ``fedau_weights.png`` (the final FedAU weights ω_n of
-seed 0 against 1/rate_n, read from ``strategy_state.safetensors``) into ``--figures``.
+1. **Tuning.** Every method with a ``tune`` grid (``{key: [values]}``, ``key`` = ``lr`` or
+   ``server_lr``) runs once per value on the ``tuning`` seed (not a table seed), on every
+   pattern (``tuning.pattern: each``) or on one pattern whose choice serves all, for
+   ``tuning.rounds`` rounds, into ``--out/tune/<pattern>/<method>/<key>-<value>/``. The value with
+   the best headline metric (mean test accuracy over the last ``last_rounds`` rounds) is chosen.
+2. **Table.** Every (pattern × method × seed) with the chosen values, into
+   ``--out/<pattern>/<method>/seed-<s>/``; each run directory also gets
+   ``participation.safetensors`` (``p: (N,)`` the true p_n, ``rate: (N,)`` the long-run
+   availability rate, which for ``cyclic`` is ``A_n / (A_n + B_n)``, not exactly p_n).
+
+Then it writes ``results.json`` into ``--out`` (config, tuning scores and chosen values, per-seed
+numbers and curves, wall times), the claim table between ``<!-- fedau:claims -->`` markers and the
+tables between ``<!-- fedau:results -->`` markers in ``--docs`` (default ``docs/fedau.md``;
+``--quick`` writes no docs unless ``--docs`` is given) and the figures ``fedau_convergence.png``
+(test accuracy per round, one panel per pattern, mean ± std over seeds) and ``fedau_weights.png``
+(the final FedAU weights ω_n of the first seed against 1/rate_n) into ``--figures``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,45 +44,184 @@ from simulations.experiments import grid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedau_mnist1d.yaml"
 MARK = "fedau:results"
-#: How many of the last evaluations the "late average" column averages.
-LAST_EVALS = 5
+CLAIMS_MARK = "fedau:claims"
+#: Keys a method's ``tune`` grid may name.
+TUNABLE = ("lr", "server_lr")
+#: The plateau check compares the headline with the same window this many rounds earlier.
+PLATEAU_GAP = 500
+#: "Within a couple of points" of the known-p oracle, in accuracy points.
+ORACLE_POINTS = 2.0
 
 
 # ------------------------------------------------------------------------------ config
 def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
-    """The experiment mapping (``seeds``, ``base``, ``patterns``, ``methods``); ``quick`` applies
-    the ``quick`` section (its ``base`` merges into ``base``, other keys replace)."""
-    exp = grid.load_grid(path, ("seeds", "base", "patterns", "methods"), quick=quick)
+    """The experiment mapping (``seeds``, ``base``, ``patterns``, ``methods``, optional
+    ``tuning`` and ``last_rounds``), checked; ``quick`` applies the ``quick`` section (its
+    ``base`` merges into ``base``, other keys replace). ``last_rounds`` defaults to 1 (the final
+    accuracy); ``tuning`` gets ``rounds`` (default: the table's) and ``pattern`` (default ``each``).
+    """
+    exp = grid.load_grid(path, ("seeds", "base", "patterns", "methods"),
+                         ("tuning", "last_rounds"), quick=quick)
     if not exp["seeds"] or not exp["patterns"] or not exp["methods"]:
         raise ConfigError("seeds", "need at least one seed, pattern and method")
+    last = exp.setdefault("last_rounds", 1)
+    if not isinstance(last, int) or isinstance(last, bool) or last < 1:
+        raise ConfigError("last_rounds", f"must be an integer >= 1 (got {last!r})")
+    exp["methods"] = {m: dict(over or {}) for m, over in exp["methods"].items()}
+    grids = {m: _check_tune(m, over) for m, over in exp["methods"].items() if "tune" in over}
+    if exp.get("tuning") is not None:
+        exp["tuning"] = _check_tuning(exp["tuning"], exp)
+        if not grids:
+            raise ConfigError("tuning", "no method has a `tune` grid; add one or drop `tuning`")
+    elif grids:
+        raise ConfigError(f"methods.{next(iter(grids))}.tune",
+                          "a tune grid needs a `tuning` section (seed, rounds, pattern)")
+    _check_last_rounds(exp)
     return exp
+
+
+def _check_tune(method: str, over: Mapping[str, Any]) -> tuple[str, list[float]]:
+    """``(key, values)`` of a method's ``tune`` grid; ConfigError naming the field otherwise."""
+    field = f"methods.{method}.tune"
+    spec = over["tune"]
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise ConfigError(field, f"one key to tune, one of {', '.join(TUNABLE)}, with its values")
+    key, values = next(iter(spec.items()))
+    if key not in TUNABLE:
+        raise ConfigError(f"{field}.{key}", f"cannot be tuned; allowed: {', '.join(TUNABLE)}")
+    if key in over:
+        raise ConfigError(f"{field}.{key}", f"the method also sets {key}, which tuning replaces; "
+                          "drop one of them")
+    ok = isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in values)
+    if not ok or len(values) < 2 or len(set(values)) != len(values):
+        raise ConfigError(f"{field}.{key}", "a list of at least two distinct positive numbers "
+                          f"(got {values!r}); one value tunes nothing, set {key} directly")
+    return key, [float(v) for v in values]
+
+
+def _check_tuning(spec: Any, exp: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``tuning`` section with defaults filled in: ``seed`` (required, not a table seed),
+    ``rounds`` (default the table's), ``pattern`` (``each`` or one pattern's name)."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError("tuning", "a mapping with seed, rounds, pattern")
+    extra = sorted(set(spec) - {"seed", "rounds", "pattern"})
+    if extra:
+        raise ConfigError(f"tuning.{extra[0]}", "unknown key; allowed: pattern, rounds, seed")
+    seed = spec.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError("tuning.seed", f"required, an integer >= 0 (got {seed!r})")
+    if seed in exp["seeds"]:
+        raise ConfigError("tuning.seed", f"{seed} is also a table seed; tune on a seed the table "
+                          "does not use")
+    rounds = spec.get("rounds", exp["base"].get("rounds"))
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ConfigError("tuning.rounds", f"must be an integer >= 1 (got {rounds!r})")
+    pattern = spec.get("pattern", "each")
+    if pattern != "each" and pattern not in exp["patterns"]:
+        raise ConfigError("tuning.pattern", f"{pattern!r}; allowed: each, "
+                          + ", ".join(exp["patterns"]))
+    return {"seed": seed, "rounds": rounds, "pattern": pattern}
+
+
+def _check_last_rounds(exp: Mapping[str, Any]) -> None:
+    """The headline averages the last ``last_rounds`` rounds: the table's and the tuning's runs
+    must evaluate each of them (``eval_every`` 1, or ``eval_last`` >= ``last_rounds``)."""
+    from simulations.config import RunConfig
+
+    last = exp["last_rounds"]
+    lengths = {"base.rounds": exp["base"].get("rounds", 20)}
+    if exp.get("tuning"):
+        lengths["tuning.rounds"] = exp["tuning"]["rounds"]
+    for where, rounds in lengths.items():
+        if last > rounds:
+            raise ConfigError("last_rounds", f"{last} is more than {where}={rounds}")
+        cfg = RunConfig.model_validate({**exp["base"], "rounds": rounds, "out": None})
+        if not all(cfg.evaluates(r) for r in range(rounds - last + 1, rounds + 1)):
+            raise ConfigError("last_rounds", f"the last {last} rounds are not all evaluated "
+                              f"(base.eval_every={cfg.eval_every}, base.eval_last="
+                              f"{cfg.eval_last}); set base.eval_last >= {last}")
+
+
+def tune_grid(exp: Mapping[str, Any], method: str) -> tuple[str, list[float]] | None:
+    """``(key, values)`` of the method's ``tune`` grid, or None."""
+    over = exp["methods"][method]
+    return _check_tune(method, over) if "tune" in over else None
+
+
+def tuned_patterns(exp: Mapping[str, Any]) -> list[str]:
+    """The patterns tuning runs on: all, or the one named by ``tuning.pattern``."""
+    pattern = exp["tuning"]["pattern"]
+    return list(exp["patterns"]) if pattern == "each" else [pattern]
 
 
 @dataclasses.dataclass(frozen=True)
 class Job(grid.GridJob):
-    """One run of the grid."""
+    """One run: of the table (``value`` None) or of tuning (``value`` the tuned key's value)."""
 
     pattern: str
     method: str
     seed: int
     config: dict[str, Any]
+    value: float | None = None
+    key: str | None = None
 
     @property
     def name(self) -> str:
+        if self.value is not None:
+            return f"tune/{self.pattern}/{self.method}/{self.key}={self.value:g}"
         return f"{self.pattern}/{self.method}/seed-{self.seed}"
 
 
-def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
-    """Every (pattern, method, seed), validated up front (a ConfigError names the cell)."""
+def _cell(exp: Mapping[str, Any], pattern: str, method: str, seed: int, out: Path,
+          extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated run config of one cell: ``base`` ← method ← pattern ← ``extra``."""
+    over = {k: v for k, v in exp["methods"][method].items() if k != "tune"}
+    data = grid.merge(exp["base"], over)
+    data["participation"] = grid.merge(data.get("participation", {}),
+                                       exp["patterns"][pattern] or {})
+    data.update(extra)
+    data.update(seed=int(seed), out=str(out))
+    grid.validate_cell(data, f"{pattern}.{method}")
+    return data
+
+
+def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
+    """Every (tuned pattern, tuned method, value) on the tuning seed, validated up front."""
+    if not exp.get("tuning"):
+        return []
+    t = exp["tuning"]
     jobs = []
-    for pattern, part in exp["patterns"].items():
-        for method, over in exp["methods"].items():
+    for pattern in tuned_patterns(exp):
+        for method in exp["methods"]:
+            spec = tune_grid(exp, method)
+            if spec is None:
+                continue
+            key, values = spec
+            for v in values:
+                run = out / "tune" / pattern / method / f"{key}-{v:g}"
+                data = _cell(exp, pattern, method, t["seed"], run, {key: v, "rounds": t["rounds"]})
+                jobs.append(Job(pattern, method, t["seed"], data, v, key))
+    return jobs
+
+
+def make_jobs(exp: Mapping[str, Any], out: Path,
+              chosen: Mapping[str, Mapping[str, float]] | None = None) -> list[Job]:
+    """Every (pattern, method, seed) of the table, validated up front (a ConfigError names the
+    cell). A tuned method gets ``chosen[pattern][method]``; without ``chosen`` (checking the
+    configs before tuning has run) the first value of its grid."""
+    jobs = []
+    for pattern in exp["patterns"]:
+        for method in exp["methods"]:
+            spec = tune_grid(exp, method)
+            extra = {}
+            if spec is not None:
+                extra[spec[0]] = chosen[pattern][method] if chosen is not None else spec[1][0]
             for seed in exp["seeds"]:
-                data = grid.merge(exp["base"], over or {})
-                data["participation"] = grid.merge(data.get("participation", {}), part or {})
-                data.update(seed=int(seed), out=str(out / pattern / method / f"seed-{seed}"))
-                grid.validate_cell(data, f"{pattern}.{method}")
-                jobs.append(Job(pattern, method, int(seed), data))
+                run = out / pattern / method / f"seed-{seed}"
+                jobs.append(Job(pattern, method, int(seed),
+                                _cell(exp, pattern, method, seed, run, extra)))
     return jobs
 
 
@@ -97,8 +244,10 @@ def _save_participation(sim: Any, job: Job) -> None:
 
 
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
-    """Run (or reuse) one simulation; return its summary (plus ``reused``)."""
-    return grid.run_simulation(job, fresh, setup=_save_participation)
+    """Run (or reuse) one simulation; return its summary (plus ``reused``). A tuning run that
+    the runner stops (e.g. a learning rate that diverges) is kept as ``failed.json``."""
+    return grid.run_simulation(job, fresh, setup=_save_participation,
+                               keep_failed=job.value is not None)
 
 
 def _quiet_worker() -> None:
@@ -108,73 +257,360 @@ def _quiet_worker() -> None:
 
 def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Run ``jobs`` (``workers`` at a time); ``{job.name: summary}``."""
+    """Run ``jobs`` (``workers`` at a time; finished runs with another config are redone);
+    ``{job.name: summary}``."""
+    tuning = any(j.value is not None for j in jobs)
     return grid.run_all(jobs, run_job, initializer=_quiet_worker, workers=workers, fresh=fresh,
-                        echo=echo)
+                        echo=echo, keep_failed=tuning, stale=grid.config_stale)
 
 
 # ------------------------------------------------------------------------------ results
+def late_mean(rounds: np.ndarray, acc: np.ndarray, last: int, end: float | None = None) -> float:
+    """Mean of the evaluated accuracies in the ``last`` rounds up to round ``end`` (default the
+    last round): rounds ``end − last < r ≤ end``; NaN if none was evaluated there."""
+    end = float(rounds[-1]) if end is None else end
+    sel = (rounds > end - last) & (rounds <= end)
+    return float(np.mean(acc[sel])) if sel.any() else float("nan")
+
+
+def diverged(run_dir: Path) -> bool:
+    """Whether the run's final global model (``model.safetensors``) has a non-finite parameter."""
+    from simulations.results import load_arrays
+
+    return not all(np.isfinite(a).all() for a in load_arrays(run_dir / "model.safetensors").values())
+
+
+def collapsed(acc: np.ndarray, headline: float, run_dir: Path) -> bool:
+    """Whether a run broke down: its headline is below half of its best evaluated accuracy
+    (``acc``: every evaluation), or its final model is not finite (:func:`diverged`). The
+    runner rejects non-finite and absurd updates, so a run that blows up usually ends as a
+    finite model stuck near chance rather than as NaN."""
+    return bool(headline < 0.5 * float(np.max(acc))) or diverged(run_dir)
+
+
 def mean_participants(run_dir: Path) -> float:
     rows = grid.train_rows(run_dir)
     return float(np.mean([float(r["clients"]) for r in rows])) if rows else float("nan")
 
 
-def collect(jobs: Sequence[Job]) -> dict[str, Any]:
-    """Per (pattern, method): per-seed final accuracy, late average, curves; JSON-ready."""
+def _usable(job: Job) -> bool:
+    """A finished run of this job's config (another config's results are never reported)."""
+    return grid.finished(job.run_dir, failed=job.value is not None) and not grid.config_stale(job)
+
+
+def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
+    """``{pattern: {method: {key, values, scores, chosen}}}`` for every pattern of the table
+    (with ``tuning.pattern`` one pattern, its choice is copied to the others, ``from`` names it).
+    A score is the headline metric of the tuning run (NaN for a run the runner stopped); the
+    chosen value has the best score. ``ConfigError("tuning", ...)`` if a tuning run is not
+    finished or every value of a grid failed."""
+    last = exp["last_rounds"]
     out: dict[str, Any] = {}
     for job in jobs:
-        if not grid.finished(job.run_dir):
+        if not _usable(job):
+            raise ConfigError("tuning", f"run {job.name} is not finished; run without "
+                              "--report-only")
+        score = float("nan")
+        if (job.run_dir / grid.SUMMARY).is_file():
+            rounds, acc = grid.run_curve(job.run_dir)
+            score = late_mean(rounds, acc, last)
+        cell = out.setdefault(job.pattern, {}).setdefault(
+            job.method, {"key": job.key, "values": [], "scores": []})
+        cell["values"].append(job.value)
+        cell["scores"].append(score)
+    for cells in out.values():
+        for cell in cells.values():
+            scores = np.asarray(cell["scores"], dtype=np.float64)
+            if np.isnan(scores).all():
+                raise ConfigError("tuning", f"every {cell['key']} of a grid failed; lower it")
+            cell["chosen"] = cell["values"][int(np.nanargmax(scores))]
+    if exp.get("tuning") and exp["tuning"]["pattern"] != "each":
+        src = exp["tuning"]["pattern"]
+        out = {p: {m: {**c, "from": src} for m, c in out[src].items()} for p in exp["patterns"]}
+    return out
+
+
+def chosen_values(tuning: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``{pattern: {method: chosen value}}`` of :func:`collect_tuning`."""
+    return {p: {m: c["chosen"] for m, c in cells.items()} for p, cells in tuning.items()}
+
+
+def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
+    """Per (pattern, method): per-seed headline (mean over the last ``last_rounds`` rounds),
+    final accuracy, the same window ``PLATEAU_GAP`` rounds earlier, whether the run collapsed
+    (:func:`collapsed`), curves; JSON-ready. Only complete cells (every seed finished) are
+    reported; :func:`missing_cells` names the others."""
+    last = exp["last_rounds"]
+    out: dict[str, Any] = {}
+    incomplete = {(j.pattern, j.method) for j in jobs if not _usable(j)}
+    for job in jobs:
+        if (job.pattern, job.method) in incomplete:
             continue
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir)
         cell = out.setdefault(job.pattern, {}).setdefault(
-            job.method, {"seeds": [], "final": [], "late": [], "wall_seconds": [],
-                         "participants": [], "rounds": rounds.tolist(), "curves": []})
+            job.method, {"seeds": [], "headline": [], "final": [], "earlier": [],
+                         "collapsed": [], "wall_seconds": [], "participants": [],
+                         "rounds": rounds.tolist(), "curves": []})
         cell["seeds"].append(job.seed)
+        head = late_mean(rounds, acc, last)
+        cell["headline"].append(head)
         cell["final"].append(float(acc[-1]))
-        cell["late"].append(float(np.mean(acc[-LAST_EVALS:])))
+        cell["earlier"].append(late_mean(rounds, acc, last, float(rounds[-1]) - PLATEAU_GAP))
+        cell["collapsed"].append(collapsed(acc, head, job.run_dir))
         cell["wall_seconds"].append(float(summary["wall_seconds"]))
         cell["participants"].append(mean_participants(job.run_dir))
         cell["curves"].append(acc.tolist())
     return out
 
 
-def report(exp: Mapping[str, Any], results: Mapping[str, Any], wall: float | None) -> str:
-    """The markdown section written into the docs page."""
+def missing_cells(jobs: Sequence[Job]) -> list[str]:
+    """``pattern/method (k of n seeds finished)`` for every cell with an unfinished run."""
+    cells: dict[tuple[str, str], list[bool]] = {}
+    for j in jobs:
+        cells.setdefault((j.pattern, j.method), []).append(_usable(j))
+    return [f"{p}/{m} ({sum(done)} of {len(done)} seeds finished)"
+            for (p, m), done in cells.items() if not all(done)]
+
+
+def paired_gap(results: Mapping[str, Any], pattern: str, a: str, b: str) -> np.ndarray | None:
+    """Per-seed ``headline(a) − headline(b)`` in points over the seeds both ran, or None."""
+    cells = results.get(pattern, {})
+    if a not in cells or b not in cells:
+        return None
+    ha = dict(zip(cells[a]["seeds"], cells[a]["headline"], strict=True))
+    hb = dict(zip(cells[b]["seeds"], cells[b]["headline"], strict=True))
+    common = sorted(set(ha) & set(hb))
+    return 100 * np.array([ha[s] - hb[s] for s in common]) if common else None
+
+
+def collapsed_seeds(results: Mapping[str, Any], pattern: str, method: str) -> list[int]:
+    """The seeds whose run of ``method`` on ``pattern`` collapsed (:func:`collapsed`)."""
+    cell = results.get(pattern, {}).get(method)
+    if cell is None:
+        return []
+    return [s for s, d in zip(cell["seeds"], cell.get("collapsed", []), strict=False) if d]
+
+
+def _per_seed_text(results: Mapping[str, Any], pattern: str, a: str, b: str) -> str:
+    """Each seed's ``a − b`` gap (points), ``(collapsed)`` after a seed where either run
+    collapsed."""
+    g = paired_gap(results, pattern, a, b)
+    if g is None:
+        return "–"
+    cells = results[pattern]
+    common = sorted(set(cells[a]["seeds"]) & set(cells[b]["seeds"]))
+    gone = set(collapsed_seeds(results, pattern, a)) | set(collapsed_seeds(results, pattern, b))
+    return ", ".join(f"{x:+.1f}" + (" (collapsed)" if s in gone else "")
+                     for s, x in zip(common, g, strict=True))
+
+
+def _gap_text(g: np.ndarray | None) -> str:
+    if g is None or g.size == 0:
+        return "–"
+    return f"{g.mean():+.1f} ± {g.std(ddof=1):.1f}" if g.size > 1 else f"{g.mean():+.1f}"
+
+
+def claims(results: Mapping[str, Any], patterns: Sequence[str],
+           baselines: Sequence[str] = ("fedavg-participating", "fedavg-all"),
+           ) -> list[tuple[str, str, str]]:
+    """The claim table's rows ``(claim, our number, verdict)``. Gaps are per-seed paired
+    differences of the headline, mean ± std (ddof 1) over seeds, in points. Verdicts: "FedAU
+    above" each of ``baselines`` holds when the mean gap is positive in every pattern ("every
+    seed" when no seed's gap is ≤ 0; pairs whose baseline run collapsed are counted in the
+    verdict); the oracle claim holds when ``known-p − fedau`` ≤ ``ORACLE_POINTS`` in every
+    pattern; MIFA/FedVarp "may be higher" is reported, not judged."""
+    rows = []
+
+    def per_pattern(a: str, b: str) -> tuple[str, dict[str, np.ndarray]]:
+        gaps = {p: g for p in patterns if (g := paired_gap(results, p, a, b)) is not None}
+        return ", ".join(f"{p} {_gap_text(g)}" for p, g in gaps.items()), gaps
+
+    for base in baselines:
+        text, gaps = per_pattern("fedau", base)
+        if not gaps:
+            continue
+        below = [p for p, g in gaps.items() if g.mean() <= 0]
+        if below:
+            verdict = f"**no** (not above in {', '.join(below)})"
+        elif all((g > 0).all() for g in gaps.values()):
+            verdict = "**holds** (every pattern, every seed)"
+        else:
+            worse = sum(int((g <= 0).sum()) for g in gaps.values())
+            n = sum(g.size for g in gaps.values())
+            verdict = f"**holds** on average (below in {worse} of {n} seed-pattern pairs)"
+        div = sum(len(collapsed_seeds(results, p, base)) for p in gaps)
+        if div:
+            n = sum(g.size for g in gaps.values())
+            verdict += f"; in {div} of the {n} pairs the `{base}` run collapsed"
+        rows.append((f"FedAU above `{base}` in every pattern", f"FedAU − {base}: {text}",
+                     verdict))
+    text, gaps = per_pattern("known-p", "fedau")
+    if gaps:
+        far = [p for p, g in gaps.items() if g.mean() > ORACLE_POINTS]
+        verdict = (f"**no** (more than {ORACLE_POINTS:g} points below in {', '.join(far)})" if far
+                   else f"**holds** (≤ {ORACLE_POINTS:g} points below in every pattern)")
+        rows.append(("FedAU within a couple of points of the `known-p` oracle",
+                     f"known-p − FedAU: {text}", verdict))
+    for other in ("mifa", "fedvarp"):
+        text, gaps = per_pattern(other, "fedau")
+        if gaps:
+            higher = [p for p, g in gaps.items() if g.mean() > 0]
+            rows.append((f"`{other}` (O(N·d) memory) may be higher than FedAU",
+                         f"{other} − FedAU: {text}",
+                         f"higher in {len(higher)} of {len(gaps)} patterns (not a claim to test)"))
+    return rows
+
+
+def baseline_methods(exp: Mapping[str, Any]) -> list[str]:
+    """The methods (config order) that run ``fedavg-participating`` or ``fedavg-all``: the
+    baselines FedAU is claimed to beat."""
+    return [m for m, over in exp["methods"].items()
+            if over.get("strategy") in ("fedavg-participating", "fedavg-all")]
+
+
+def claims_report(exp: Mapping[str, Any], results: Mapping[str, Any],
+                  missing: Sequence[str] = ()) -> str:
+    """The claim table written at the top of the docs page (``missing``: unfinished cells)."""
+    any_cell = next(iter(next(iter(results.values())).values()))
+    lines = [] if not missing else [
+        f"**The grid is not finished**: {len(missing)} cells are missing ({', '.join(missing)}). "
+        "The verdicts below cover only the finished cells; \"every pattern\" means every "
+        "pattern with a finished pair.", ""]
+    lines += [
+        f"Our numbers: mean test accuracy over the last {exp['last_rounds']} rounds, per-seed "
+        f"paired differences in points, mean ± std (ddof 1) over {len(any_cell['seeds'])} seeds "
+        f"({', '.join(str(s) for s in any_cell['seeds'])}), {exp['base']['rounds']} rounds.",
+        "",
+        "| paper's claim | our number (points) | verdict |",
+        "|---|---|---|",
+        *(f"| {c} | {n} | {v} |" for c, n, v in claims(results, list(exp["patterns"]),
+                                                          baseline_methods(exp))),
+    ]
+    return "\n".join(lines)
+
+
+def tuning_table(exp: Mapping[str, Any], tuning: Mapping[str, Any]) -> str:
+    """Markdown: per method and pattern the chosen value and the score of each value tried
+    (chosen in bold; a choice at the edge of the grid is marked †)."""
+    pats = list(tuning)
+    methods = [m for m in exp["methods"] if m in tuning[pats[0]]]
+    lines = ["| method | tuned | values | " + " | ".join(pats) + " |",
+             "|---|---|---|" + "---|" * len(pats)]
+    for m in methods:
+        c0 = tuning[pats[0]][m]
+        cells = []
+        for p in pats:
+            c = tuning[p][m]
+            edge = c["chosen"] in (c["values"][0], c["values"][-1])
+            scores = " / ".join("–" if math.isnan(s) else
+                                (f"**{100 * s:.1f}**" if v == c["chosen"] else f"{100 * s:.1f}")
+                                for v, s in zip(c["values"], c["scores"], strict=True))
+            cells.append(f"**{c['chosen']:g}**{' †' if edge else ''} ({scores})")
+        lines.append(f"| {m} | `{c0['key']}` | {', '.join(f'{v:g}' for v in c0['values'])} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[str, Any],
+           walls: Mapping[str, float], missing: Sequence[str] = ()) -> str:
+    """The markdown section written into the docs page (after the claims)."""
     methods = list(exp["methods"])
     b = exp["base"]
+    last = exp["last_rounds"]
     any_cell = next(iter(next(iter(results.values())).values()))
     n_seeds = len(any_cell["seeds"])
     parts = {pat: np.mean([np.mean(c["participants"]) for c in cells.values()])
              for pat, cells in results.items()}
-    runs = sum(len(c["seeds"]) for cells in results.values() for c in cells.values())
-    run_wall = sum(sum(c["wall_seconds"]) for cells in results.values() for c in cells.values())
+    rounds = b["rounds"]
     lines = [
         f"Setting: MNIST-1D ({b.get('dataset_args', {}).get('num_samples', 5000)} samples), "
         f"N = {b['num_clients']} clients, Dirichlet(α = {b.get('alpha')}) labels, model "
-        f"`{b.get('model')}`, {b['rounds']} rounds, {b.get('local_steps')} local SGD steps "
-        f"(batch {b.get('batch_size')}, lr {b.get('lr')}), heterogeneous p_n (mean "
+        f"`{b.get('model')}`, {rounds} rounds, {b.get('local_steps')} local SGD steps "
+        f"(batch {b.get('batch_size')}), heterogeneous p_n (mean "
         f"{b['participation']['probabilities'].get('mean')}, floor "
         f"{b['participation']['probabilities'].get('floor')}), {n_seeds} seeds "
         f"({', '.join(str(s) for s in any_cell['seeds'])}); mean participants per round: "
         + ", ".join(f"{p} {v:.1f}" for p, v in parts.items()) + ".",
         "",
-        f"**Final test accuracy (%)** after round {b['rounds']}, mean ± std over seeds "
-        "(best mean per column in bold):",
+        f"**Test accuracy (%)**, mean over the last {last} rounds (evaluated every round there), "
+        "mean ± std (ddof 1) over seeds, best mean per column in bold:",
         "",
-        grid.method_table(results, methods, "final"),
+        grid.method_table(results, methods, "headline"),
         "",
-        f"**Late average (%)**: mean test accuracy over the last {LAST_EVALS} evaluations "
-        f"(every {b.get('eval_every', 1)} rounds), mean ± std over seeds — less noisy than one "
-        "evaluation:",
+        *([f"Not finished (left out of every table): {', '.join(missing)}.", ""]
+          if missing else []),
+        "**FedAU against the baselines**: per-seed paired differences of the numbers above "
+        "(points), mean ± std over seeds; then each seed's difference (seeds "
+        f"{', '.join(str(s) for s in any_cell['seeds'])}):",
         "",
-        grid.method_table(results, methods, "late"),
+    ]
+    pairs = [("fedau", b) for b in baseline_methods(exp)] + [("fedau", "known-p")] + [
+        ("fedau-k50", b) for b in baseline_methods(exp)[:1]]
+    pairs = [(a, b) for a, b in pairs if a in methods and b in methods]
+    lines += ["| pattern | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
+              "|---|" + "---:|" * len(pairs)]
+    for p in results:
+        lines.append(f"| {p} | " + " | ".join(_gap_text(paired_gap(results, p, a, b))
+                                              for a, b in pairs) + " |")
+    lines += ["", "| pattern | " + " | ".join(f"{a} − {b}, per seed" for a, b in pairs) + " |",
+              "|---|" + "---|" * len(pairs)]
+    for p in results:
+        lines.append(f"| {p} | " + " | ".join(_per_seed_text(results, p, a, b)
+                                              for a, b in pairs) + " |")
+    gone = [f"{p}/{m} seed {s}" for p in results for m in methods
+            for s in collapsed_seeds(results, p, m)]
+    lines += ["", "Collapsed runs (the headline below half of the run's best accuracy, or a "
+              "non-finite final model): "
+              + (", ".join(gone) if gone else "none") + "."]
+    e0 = rounds - PLATEAU_GAP
+    lines += [] if e0 < last else [
         "",
-        f"{runs} runs; the sum of their wall-clock times is {run_wall / 60:.0f} min"
-        + (f" ({wall / 60:.0f} min wall clock for this invocation)" if wall else "")
+        f"**Plateau check**: the headline minus the mean over rounds {e0 - last + 1}–{e0} "
+        f"(evaluated every {b.get('eval_every', 1)} rounds there), mean over seeds, points; "
+        "small numbers mean the run has levelled off:",
+        "",
+        "| method | " + " | ".join(results) + " |",
+        "|---|" + "---:|" * len(results),
+    ]
+    for m in methods:
+        cells = []
+        for p in results:
+            c = results[p].get(m)
+            cells.append("–" if c is None else
+                         f"{100 * np.mean(np.subtract(c['headline'], c['earlier'])):+.1f}")
+        if e0 >= last:
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if tuning:
+        t = exp["tuning"]
+        where = ("each pattern separately" if t["pattern"] == "each"
+                 else f"`{t['pattern']}` only, the choice used for every pattern")
+        lines += [
+            "",
+            f"**Tuned learning rates**, chosen by the same metric on seed {t['seed']} (not a "
+            f"table seed), {t['rounds']} rounds, on {where}; the score of each value tried in "
+            "parentheses (%), † = the choice is at the edge of the grid:",
+            "",
+            tuning_table(exp, tuning),
+        ]
+    runs = sum(len(c["seeds"]) for cells in results.values() for c in cells.values())
+    lines += [
+        "",
+        f"Compute: {runs} table runs, {walls.get('table_runs', 0) / 60:.0f} min summed run time; "
+        f"{walls.get('tuning_count', 0):.0f} tuning runs, "
+        f"{walls.get('tuning_runs', 0) / 60:.0f} min summed run time"
+        + (f"; this invocation took {walls['invocation'] / 60:.0f} min wall clock"
+           if walls.get("invocation") else "")
         + ". Raw numbers: `results.json` in the output directory.",
     ]
     return "\n".join(lines)
+
+
+def tuning_walls(jobs: Sequence[Job]) -> tuple[int, float]:
+    """``(runs, summed run seconds)`` of the finished tuning runs."""
+    secs = [float(grid.read_summary(j.run_dir, failed=True).get("wall_seconds", 0.0))
+            for j in jobs if grid.finished(j.run_dir, failed=True)]
+    return len(secs), float(sum(secs))
 
 
 # ------------------------------------------------------------------------------ figures
@@ -193,7 +629,8 @@ def plot_convergence(results: Mapping[str, Any], methods: Sequence[str], path: P
             x = np.asarray(cell["rounds"])
             ys = np.asarray(cell["curves"]) * 100
             color, ls = styles.get(m, (f"C{i % 10 + 1 if i % 10 + 1 != 10 else 9}", "-"))
-            mean, std = ys.mean(axis=0), ys.std(axis=0)
+            mean = ys.mean(axis=0)
+            std = ys.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros_like(mean)
             ax.plot(x, mean, color=color, linestyle=ls, linewidth=1.6, label=m)
             if len(ys) > 1:
                 ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.12, linewidth=0)
@@ -294,38 +731,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         exp = load_experiment(args.config, quick=args.quick)
         out, docs, figures = grid.output_paths(args, "runs/fedau_mnist1d", Path("docs/fedau.md"),
                                                Path("docs/figures"))
-        jobs = make_jobs(exp, out)
+        tune_jobs = make_tune_jobs(exp, out)
+        make_jobs(exp, out)  # every table cell validated before anything runs
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    echo = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    if tune_jobs and not args.report_only:
+        echo(f"tuning: {len(tune_jobs)} runs → {out / 'tune'}")
+        run_all(tune_jobs, workers=args.workers, fresh=args.fresh, echo=echo)
+    try:
+        tuning = collect_tuning(exp, tune_jobs) if tune_jobs else {}
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    jobs = make_jobs(exp, out, chosen_values(tuning) if tuning else None)
     if not args.report_only:
-        print(f"{len(jobs)} runs ({len(exp['patterns'])} patterns × {len(exp['methods'])} methods "
-              f"× {len(exp['seeds'])} seeds) → {out}", flush=True)
-        run_all(jobs, workers=args.workers, fresh=args.fresh,
-                echo=lambda s: print(s, flush=True))
-    wall = time.perf_counter() - t0 if not args.report_only else None
-    results = collect(jobs)
+        echo(f"table: {len(jobs)} runs ({len(exp['patterns'])} patterns × "
+             f"{len(exp['methods'])} methods × {len(exp['seeds'])} seeds) → {out}")
+        run_all(jobs, workers=args.workers, fresh=args.fresh, echo=echo)
+    results = collect(exp, jobs)
     if not results:
         print("error: no finished runs to report", file=sys.stderr)
         return 1
+    n_tune, tune_secs = tuning_walls(tune_jobs)
+    walls = {"table_runs": sum(sum(c["wall_seconds"]) for cells in results.values()
+                               for c in cells.values()),
+             "tuning_runs": tune_secs, "tuning_count": n_tune}
+    if not args.report_only:
+        walls["invocation"] = time.perf_counter() - t0
     stats = weight_stats(exp, out)
     from simulations.results import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(
-        {"config": exp, "results": results, "weights": stats}, indent=1))
-    text = report(exp, results, wall)
-    print(text)
+        {"config": exp, "tuning": tuning, "chosen": chosen_values(tuning) if tuning else {},
+         "results": results, "missing": missing_cells(jobs), "weights": stats,
+         "wall_seconds": walls}, indent=1))
+    missing = missing_cells(jobs)
+    text = report(exp, results, tuning, walls, missing)
+    head = claims_report(exp, results, missing)
+    print(head + "\n\n" + text)
     figures.mkdir(parents=True, exist_ok=True)
     plot_convergence(results, list(exp["methods"]), figures / "fedau_convergence.png")
     plot_weights(exp, out, figures / "fedau_weights.png")
     if docs is not None:
+        grid.write_section(docs, head, CLAIMS_MARK)
         grid.write_section(docs, text, MARK)
-        print(f"wrote {docs}")
-    print(f"figures in {figures}; results in {out / 'results.json'}")
-    print(yaml.safe_dump({"weights": stats}, sort_keys=False))
+        echo(f"wrote {docs}")
+    echo(f"figures in {figures}; results in {out / 'results.json'}")
+    echo(yaml.safe_dump({"weights": stats}, sort_keys=False))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

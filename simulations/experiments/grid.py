@@ -202,6 +202,18 @@ def run_simulation(job: GridJob, fresh: bool = False, *,
     return {**result.summary, "cpu_seconds": time.process_time() - t0, "reused": False}
 
 
+def config_stale(job: GridJob) -> bool:
+    """Whether the finished run of ``job`` was run with another config than ``job.config`` (its
+    ``config.yaml`` differs in a key other than ``out``), e.g. after a tuned value changed."""
+    from simulations.config import build_config, read_yaml
+    from simulations.sweep_grid import config_difference
+
+    path = job.run_dir / "config.yaml"
+    if not path.is_file():
+        return True
+    return config_difference(build_config(job.config), read_yaml(path)) is not None
+
+
 def progress_line(i: int, total: int, job: GridJob, summary: Mapping[str, Any],
                   elapsed: float) -> str:
     """``[i/total] name: accuracy % (run seconds, elapsed seconds)``."""
@@ -214,7 +226,8 @@ def run_all(jobs: Sequence[GridJob], run_job: Callable[[Any, bool], dict[str, An
             echo: Callable[[str], None] = print,
             line: Callable[[int, int, Any, Mapping[str, Any], float], str] = progress_line,
             keep_failed: bool = False, prepare: Callable[[list[Any]], None] | None = None,
-            catch: tuple[type[BaseException], ...] = ()) -> dict[str, dict[str, Any]]:
+            catch: tuple[type[BaseException], ...] = (),
+            stale: Callable[[Any], bool] | None = None) -> dict[str, dict[str, Any]]:
     """Run ``jobs`` (``workers`` at a time); ``{job.name: summary}``.
 
     Finished runs (:func:`finished`; ``keep_failed``: ``failed.json`` too) are reused unless
@@ -223,14 +236,19 @@ def run_all(jobs: Sequence[GridJob], run_job: Callable[[Any, bool], dict[str, An
     processes that each run ``initializer`` (``run_job`` and ``initializer`` must be module-level
     functions). ``run_job(job, fresh)`` returns the summary echoed by ``line(i, total, job,
     summary, elapsed seconds)``; an exception in ``catch`` is echoed as ``FAILED`` and the job is
-    left out of the result, any other propagates.
+    left out of the result, any other propagates. A finished job for which ``stale(job)`` is true
+    (e.g. its ``config.yaml`` is not the job's config) is run again, as with ``fresh``.
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    todo = [j for j in jobs if fresh or not finished(j.run_dir, keep_failed)]
+    todo = [j for j in jobs if fresh or not finished(j.run_dir, keep_failed)
+            or (stale is not None and stale(j))]
     done = {j.name: read_summary(j.run_dir, keep_failed) for j in jobs if j not in todo}
+    redo = {j.name for j in todo if fresh or finished(j.run_dir, keep_failed)}
     if done:
         echo(f"reusing {len(done)} finished runs")
+    if redo and not fresh:
+        echo(f"redoing {len(redo)} finished runs whose config changed")
     if not todo:
         return done
     if prepare is not None:
@@ -248,13 +266,13 @@ def run_all(jobs: Sequence[GridJob], run_job: Callable[[Any, bool], dict[str, An
     if workers <= 1:
         initializer()
         for i, job in enumerate(todo, 1):
-            record(i, job, lambda job=job: run_job(job, fresh))
+            record(i, job, lambda job=job: run_job(job, job.name in redo))
         return done
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                              initializer=initializer) as pool:
-        futures = {pool.submit(run_job, job, fresh): job for job in todo}
+        futures = {pool.submit(run_job, job, job.name in redo): job for job in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             record(i, futures[fut], fut.result)
     return done

@@ -134,3 +134,23 @@ def test_idle_clients_cost_no_model_memory(tmp_path) -> None:
     assert len(sim.runtime._tensors) <= min(TENSOR_CACHE, 20)
     per_client = sum(a.nbytes for a in [*sim.data.client_train, *sim.data.client_test]) / 200
     assert per_client < 100  # ~8 samples x 8-byte indices
+
+
+# ------------------------------------------------------------------------------ eval schedule
+def test_eval_last_evaluates_every_round_at_the_end(tmp_path) -> None:
+    res = run(tmp_path, "ev", rounds=10, eval_every=4, eval_last=3)
+    evaluated = [r["round"] for r in res.rows if np.isfinite(float(r["test_accuracy"]))]
+    assert evaluated == [0, 4, 8, 9, 10]  # every 4th, then each of the last 3
+    cfg = load_config(None, {**SMALL, "rounds": 10, "eval_every": 4, "eval_last": 3})
+    assert [r for r in range(1, 11) if cfg.evaluates(r)] == [4, 8, 9, 10]
+    assert [r for r in range(1, 11) if cfg.model_copy(update={"eval_last": 0}).evaluates(r)] == [4, 8, 10]
+
+
+@pytest.mark.parametrize(("over", "hint"), [({"eval_last": 5}, "eval_every > 1"),
+                                            ({"eval_every": 5, "eval_last": 11}, "at most rounds")])
+def test_eval_last_that_does_nothing_or_exceeds_the_run_is_an_error(over, hint) -> None:
+    from fedagg.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {**SMALL, "rounds": 10, **over})
+    assert exc.value.field == "eval_last" and hint in str(exc.value)
