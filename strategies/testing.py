@@ -13,8 +13,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from simulations.engine.identity import ensure_task_identity
 from strategies.arrays import to_record
+from strategies.identity import ensure_task_identity
 
 
 class FakeGrid(Grid):

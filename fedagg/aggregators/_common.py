@@ -22,16 +22,26 @@ every other row.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import numpy as np
-import torch
 
 from fedagg.errors import ConfigError
 from fedagg.registry import Param
 
-ArrayLike = np.ndarray | torch.Tensor | Sequence[np.ndarray] | Sequence[torch.Tensor]
+if TYPE_CHECKING:  # torch is imported only when a tensor comes in
+    import torch
+
+ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[np.ndarray], Sequence["torch.Tensor"]]
+
+
+def is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch: numpy-only users never load it
+    (if torch is not imported yet, nothing can be a tensor)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 # Parameter shared by most rules: the number of Byzantine clients the rule must tolerate.
 F_PARAM = Param("f", int, doc="number of Byzantine clients to tolerate", low=0)
@@ -60,11 +70,15 @@ def to_matrix(updates: ArrayLike, ndim: int = 2) -> tuple[np.ndarray, Callable[[
     if isinstance(updates, (list, tuple)):
         if len(updates) == 0:
             raise ValueError("updates is an empty list; need at least one vector")
-        if all(isinstance(u, torch.Tensor) for u in updates):
+        if all(is_tensor(u) for u in updates):
+            import torch
+
             updates = torch.stack([u.detach().reshape(-1) for u in updates])
         else:
             updates = np.stack([np.asarray(u).reshape(-1) for u in updates])
-    if isinstance(updates, torch.Tensor):
+    if is_tensor(updates):
+        import torch
+
         t = updates.detach()
         orig_dtype, device = t.dtype, t.device
         if t.is_complex():
@@ -78,7 +92,7 @@ def to_matrix(updates: ArrayLike, ndim: int = 2) -> tuple[np.ndarray, Callable[[
             t = t.to(orig_dtype)
         X = t.cpu().numpy()
 
-        def back_torch(out: np.ndarray) -> torch.Tensor:
+        def back_torch(out: np.ndarray) -> Any:
             if np.may_share_memory(out, X):
                 out = out.copy()
             res = torch.from_numpy(np.ascontiguousarray(out))
@@ -121,7 +135,7 @@ def check_weights(
     """
     if weights is None:
         return None
-    if isinstance(weights, torch.Tensor):
+    if is_tensor(weights):
         weights = weights.detach().cpu().numpy()
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.shape[0] != n:

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
-from fedagg.aggregators._common import Aggregator, combine, gram
+from fedagg.aggregators._common import Aggregator, combine, gram, is_tensor
 from fedagg.registry import Param
 
 
@@ -66,7 +65,7 @@ class CenteredClipping(Aggregator):
         if unknown:
             raise ValueError(f"centered-clipping: unknown state keys {sorted(unknown)}")
         v = state.get("v")
-        if isinstance(v, torch.Tensor):
+        if is_tensor(v):
             v = v.detach().cpu().numpy()
         self.v = None if v is None else np.array(v, copy=True).reshape(-1)
 

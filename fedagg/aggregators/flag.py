@@ -38,9 +38,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
-from fedagg.aggregators._common import Aggregator, combine, gram
+from fedagg.aggregators._common import Aggregator, combine, gram, is_tensor
 from fedagg.registry import Param
 
 NORM_FLOOR = 1e-12
@@ -52,6 +51,8 @@ def reference_random_init(d: int, m: int, seed: int) -> np.ndarray:
     Drawn from a private ``torch.Generator`` (the reference reseeds the *global* RNG on every call;
     the numbers are the same). Its span is the span of the reference's QR-orthonormalised ``Y_0``.
     """
+    import torch  # the reference's own generator; only the flag rule's random init needs torch
+
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed))
     return torch.rand(d, m, generator=gen).sub_(0.5).numpy()
@@ -164,7 +165,7 @@ class FlagAggregator(Aggregator):
             raise ValueError("flag: need lam >= 0, eps > 0, iterations >= 0, m >= 1")
         self.m, self.lam, self.iterations = m, float(lam), int(iterations)
         self.eps, self.tol, self.init, self.seed = float(eps), float(tol), init, int(seed)
-        if isinstance(y0, torch.Tensor):
+        if is_tensor(y0):
             y0 = y0.detach().cpu().numpy()
         self.y0 = None if y0 is None else np.array(y0, dtype=np.float64, copy=True)
         self.solver = solver
