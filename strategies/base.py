@@ -238,7 +238,7 @@ class FedaggStrategy:
         layout = Layout.of(self.current_global) if self.current_global is not None else None
         global_flat = None
         if layout is not None:
-            global_flat = layout.flatten(self.decoded(self.current_global))  # type: ignore[arg-type]
+            global_flat = self.flat(self.current_global, layout)  # type: ignore[arg-type]
         for msg in ordered:
             cid = reply_client_id(msg)
             if msg.has_error():
@@ -462,7 +462,7 @@ class DeltaStrategy(FedaggStrategy, FedAvg):
                            ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current_global is not None, "configure_train must run before aggregate_train"
         layout = Layout.of(self.current_global)
-        g = layout.flatten(self.decoded(self.current_global))
+        g = self.flat(self.current_global, layout)
         deltas = np.stack([self.flat(m.content[self.arrayrecord_key], layout) for m in replies]) - g
         n_ex = np.array([reply_num_examples(m) for m in replies], dtype=np.float64)
         ids = [reply_client_id(m) for m in replies]

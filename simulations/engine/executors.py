@@ -125,8 +125,9 @@ def plan_chunks(jobs: list[Job], batch_limit: int | None,
     broadcast (and a worker pool) are sorted by client id and cut into ``ceil(n / batch_limit)``
     near-equal chunks, each one batched computation; every other job, and every job ``alone``
     picks (a client whose injected hang or worker kill fires: it takes down only itself, as a
-    hung or crashed device would), is a chunk of its own. The cut depends only on the jobs, never on the engine or its worker
-    count, so a client's batch (and its floating-point result) is the same on every engine."""
+    hung or crashed device would), is a chunk of its own. The cut depends only on the jobs, never
+    on the engine or its worker count, so a client's batch (and its floating-point result) is the
+    same on every engine."""
     pool_of = pool_of or (lambda cid: 0)
     groups: dict[tuple[int, int], list[Job]] = {}
     chunks: list[list[Job]] = []
