@@ -81,24 +81,8 @@ def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> d
 
 
 def _check_tune(method: str, over: Mapping[str, Any]) -> tuple[str, list[float]]:
-    """``(key, values)`` of a method's ``tune`` grid; ConfigError naming the field otherwise."""
-    field = f"methods.{method}.tune"
-    spec = over["tune"]
-    if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise ConfigError(field, f"one key to tune, one of {', '.join(TUNABLE)}, with its values")
-    key, values = next(iter(spec.items()))
-    if key not in TUNABLE:
-        raise ConfigError(f"{field}.{key}", f"cannot be tuned; allowed: {', '.join(TUNABLE)}")
-    if key in over:
-        raise ConfigError(f"{field}.{key}", f"the method also sets {key}, which tuning replaces; "
-                          "drop one of them")
-    ok = isinstance(values, list) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        for v in values)
-    if not ok or len(values) < 2 or len(set(values)) != len(values):
-        raise ConfigError(f"{field}.{key}", "a list of at least two distinct positive numbers "
-                          f"(got {values!r}); one value tunes nothing, set {key} directly")
-    return key, [float(v) for v in values]
+    """``(key, values)`` of a method's ``tune`` grid (:func:`grid.check_tune`)."""
+    return grid.check_tune(f"methods.{method}.tune", over, TUNABLE)
 
 
 def _check_tuning(spec: Any, exp: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,12 +249,7 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
 
 
 # ------------------------------------------------------------------------------ results
-def late_mean(rounds: np.ndarray, acc: np.ndarray, last: int, end: float | None = None) -> float:
-    """Mean of the evaluated accuracies in the ``last`` rounds up to round ``end`` (default the
-    last round): rounds ``end − last < r ≤ end``; NaN if none was evaluated there."""
-    end = float(rounds[-1]) if end is None else end
-    sel = (rounds > end - last) & (rounds <= end)
-    return float(np.mean(acc[sel])) if sel.any() else float("nan")
+late_mean = grid.late_mean
 
 
 def diverged(run_dir: Path) -> bool:

@@ -37,6 +37,13 @@ from simulations.experiments import grid
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust_mnist1d.yaml"
 MARK = "robust:results"
+CLAIMS_MARK = "robust:claims"
+#: Keys an aggregator's ``tune`` grid may name.
+TUNABLE = ("lr", "server_lr")
+#: The plateau check compares the headline with the same window this many rounds earlier.
+PLATEAU_GAP = 100
+#: The paper's attack and the baselines its claim names (FA "consistently outperforms" them).
+PAPER_ATTACK = "random"
 NO_ATTACK = "none"
 #: Written instead of summary.json when the runner stops a run early (``RunError``): e.g. the mean
 #: under ipm(100) diverges until every update is rejected as non-finite or absurd.
@@ -46,51 +53,156 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 # ------------------------------------------------------------------------------ config
 def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
-    """The experiment mapping; ``quick`` applies the ``quick`` section (its ``base`` merges into
-    ``base``, other keys replace)."""
-    exp = grid.load_grid(path, ("seeds", "f", "base", "attacks", "aggregators"), ("seeds_by_f",),
-                         quick=quick)
+    """The experiment mapping, checked; ``quick`` applies the ``quick`` section (its ``base``
+    merges into ``base``, other keys replace). Optional keys: ``seeds_by_f``, ``last_rounds``
+    (default 1: the final accuracy) and ``tuning`` (``seed``, ``f``) with a ``tune`` grid
+    (``{server_lr: [values]}`` or ``{lr: [...]}``) on aggregators."""
+    exp = grid.load_grid(path, ("seeds", "f", "base", "attacks", "aggregators"),
+                         ("seeds_by_f", "tuning", "last_rounds"), quick=quick)
     exp["seeds_by_f"] = {int(k): [int(s) for s in v] for k, v in (exp.get("seeds_by_f") or {}).items()}
     if not exp["seeds"] or not exp["f"] or not exp["attacks"] or not exp["aggregators"]:
         raise ConfigError("seeds", "need at least one seed, f, attack and aggregator")
     if NO_ATTACK in exp["attacks"]:
         raise ConfigError(f"attacks.{NO_ATTACK}", "reserved for the f = 0 runs")
+    last = exp.setdefault("last_rounds", 1)
+    if not isinstance(last, int) or isinstance(last, bool) or last < 1:
+        raise ConfigError("last_rounds", f"must be an integer >= 1 (got {last!r})")
+    exp["aggregators"] = {a: dict(over or {}) for a, over in exp["aggregators"].items()}
+    tuned = [a for a, over in exp["aggregators"].items() if "tune" in over]
+    for agg in tuned:
+        tune_grid(exp, agg)
+    if exp.get("tuning") is not None:
+        exp["tuning"] = _check_tuning(exp["tuning"], exp)
+        if not tuned:
+            raise ConfigError("tuning", "no aggregator has a `tune` grid; add one or drop `tuning`")
+    elif tuned:
+        raise ConfigError(f"aggregators.{tuned[0]}.tune",
+                          "a tune grid needs a `tuning` section (seed, f)")
+    _check_last_rounds(exp)
     return exp
+
+
+def tune_grid(exp: Mapping[str, Any], agg: str) -> tuple[str, list[float]] | None:
+    """``(key, values)`` of the aggregator's ``tune`` grid, or None."""
+    over = exp["aggregators"][agg]
+    return grid.check_tune(f"aggregators.{agg}.tune", over, TUNABLE) if "tune" in over else None
+
+
+def _check_tuning(spec: Any, exp: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``tuning`` section: ``seed`` (required, not a table seed) and ``f`` (the tolerance the
+    rules are set to while every client is honest; default 0)."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError("tuning", "a mapping with seed and f")
+    extra = sorted(set(spec) - {"seed", "f"})
+    if extra:
+        raise ConfigError(f"tuning.{extra[0]}", "unknown key; allowed: f, seed")
+    seed, f = spec.get("seed"), spec.get("f", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError("tuning.seed", f"required, an integer >= 0 (got {seed!r})")
+    if seed in exp["seeds"] or any(seed in v for v in exp["seeds_by_f"].values()):
+        raise ConfigError("tuning.seed", f"{seed} is also a table seed; tune on a seed the table "
+                          "does not use")
+    if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+        raise ConfigError("tuning.f", f"an integer >= 0 (got {f!r})")
+    return {"seed": seed, "f": f}
+
+
+def _check_last_rounds(exp: Mapping[str, Any]) -> None:
+    """The headline averages the last ``last_rounds`` rounds: every run must evaluate each of
+    them (``eval_every`` 1, or ``eval_last`` >= ``last_rounds``)."""
+    from simulations.config import RunConfig
+
+    last, rounds = exp["last_rounds"], exp["base"].get("rounds", 20)
+    if last > rounds:
+        raise ConfigError("last_rounds", f"{last} is more than base.rounds={rounds}")
+    cfg = RunConfig.model_validate({**exp["base"], "out": None})
+    if not all(cfg.evaluates(r) for r in range(rounds - last + 1, rounds + 1)):
+        raise ConfigError("last_rounds", f"the last {last} rounds are not all evaluated "
+                          f"(base.eval_every={cfg.eval_every}, base.eval_last={cfg.eval_last}); "
+                          f"set base.eval_last >= {last}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Job(grid.GridJob):
-    """One run of the grid."""
+    """One run: of the table (``value`` None) or of tuning (``value`` the tuned key's value)."""
 
     f: int
     attack: str
     aggregator: str
     seed: int
     config: dict[str, Any]
+    value: float | None = None
+    key: str | None = None
 
     @property
     def name(self) -> str:
+        if self.value is not None:
+            return f"tune/{self.aggregator}/{self.key}={self.value:g}"
         return f"f{self.f}/{self.attack}/{self.aggregator}/seed-{self.seed}"
 
 
-def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
-    """Every cell of the grid, validated up front (a ConfigError names the cell)."""
+def _cell(exp: Mapping[str, Any], f: int, attack: str, agg: str, seed: int, out: Path,
+          extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated run config of one cell: ``base`` ← aggregator ← attack ← ``extra``."""
+    over = {k: v for k, v in exp["aggregators"][agg].items() if k != "tune"}
+    a_over = exp["attacks"].get(attack, {}) if attack != NO_ATTACK else {}
+    data = grid.merge(grid.merge(exp["base"], over), a_over or {})
+    data = grid.merge(data, extra)
+    data.update(seed=int(seed), num_byzantine=f, out=str(out))
+    if f == 0:
+        data.pop("attack", None)
+        data.pop("attack_args", None)
+    grid.validate_cell(data, f"f{f}.{attack}.{agg}")
+    return data
+
+
+def _declares_f(strategy: str) -> bool:
+    import strategies
+
+    return strategies.REGISTRY.entry(strategy).param("f") is not None
+
+
+def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
+    """Every (tuned aggregator, value) on the tuning seed, every client honest, the rule set to
+    tolerate ``tuning.f`` (``strategy_args.f`` where the strategy takes one)."""
+    if not exp.get("tuning"):
+        return []
+    t = exp["tuning"]
+    jobs = []
+    for agg in exp["aggregators"]:
+        spec = tune_grid(exp, agg)
+        if spec is None:
+            continue
+        key, values = spec
+        strategy = grid.merge(exp["base"], exp["aggregators"][agg]).get("strategy", "fedavg")
+        extra_f = {"strategy_args": {"f": t["f"]}} if t["f"] and _declares_f(strategy) else {}
+        for v in values:
+            run = out / "tune" / agg / f"{key}-{v:g}"
+            data = _cell(exp, 0, NO_ATTACK, agg, t["seed"], run, {key: v, **extra_f})
+            jobs.append(Job(0, NO_ATTACK, agg, t["seed"], data, v, key))
+    return jobs
+
+
+def make_jobs(exp: Mapping[str, Any], out: Path,
+              chosen: Mapping[str, float] | None = None) -> list[Job]:
+    """Every cell of the table, validated up front (a ConfigError names the cell). A tuned
+    aggregator gets ``chosen[agg]``; without ``chosen`` (checking the configs before tuning has
+    run) the first value of its grid."""
     jobs = []
     for f in exp["f"]:
         f = int(f)
         seeds = exp["seeds_by_f"].get(f, exp["seeds"])
-        attack_items = [(NO_ATTACK, {})] if f == 0 else list(exp["attacks"].items())
-        for attack, a_over in attack_items:
-            for agg, g_over in exp["aggregators"].items():
+        attacks = [NO_ATTACK] if f == 0 else list(exp["attacks"])
+        for attack in attacks:
+            for agg in exp["aggregators"]:
+                spec = tune_grid(exp, agg)
+                extra = {}
+                if spec is not None:
+                    extra[spec[0]] = chosen[agg] if chosen is not None else spec[1][0]
                 for seed in seeds:
-                    data = grid.merge(grid.merge(exp["base"], g_over or {}), a_over or {})
-                    data.update(seed=int(seed), num_byzantine=f,
-                                out=str(out / f"f{f}" / attack / agg / f"seed-{seed}"))
-                    if f == 0:
-                        data.pop("attack", None)
-                        data.pop("attack_args", None)
-                    grid.validate_cell(data, f"f{f}.{attack}.{agg}")
-                    jobs.append(Job(f, attack, agg, int(seed), data))
+                    run = out / f"f{f}" / attack / agg / f"seed-{seed}"
+                    jobs.append(Job(f, attack, agg, int(seed),
+                                    _cell(exp, f, attack, agg, seed, run, extra)))
     return jobs
 
 
@@ -134,7 +246,8 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
     """Run ``jobs`` (``workers`` ≤ 2 at a time); ``{job.name: summary}``."""
     return grid.run_all(jobs, run_job, initializer=_quiet_worker,
                         workers=max(1, min(int(workers), 2)), fresh=fresh, echo=echo,
-                        line=_progress, keep_failed=True, prepare=_one_thread)
+                        line=_progress, keep_failed=True, prepare=_one_thread,
+                        stale=grid.config_stale)
 
 
 # ------------------------------------------------------------------------------ results
@@ -149,25 +262,37 @@ def _column_total(run_dir: Path, key: str) -> float:
     return float(sum(float(v) for v in vals if v not in (None, "") and math.isfinite(float(v))))
 
 
-def collect(jobs: Sequence[Job]) -> dict[str, Any]:
-    """``results[f][attack][aggregator]``: per-seed final accuracy, curves, rejected/infeasible
-    counts, CPU seconds; JSON-ready."""
+def _usable(job: Job) -> bool:
+    """A finished run of this job's config (another config's results are never reported)."""
+    return finished(job.run_dir) and not grid.config_stale(job)
+
+
+def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
+    """``results[f][attack][aggregator]``: per-seed headline (mean test accuracy over the last
+    ``last_rounds`` rounds), final accuracy, the same window ``PLATEAU_GAP`` rounds earlier,
+    curves, rejected/infeasible counts, wall seconds; JSON-ready. A run the runner stopped carries
+    its last evaluation forward."""
+    last = exp["last_rounds"]
     out: dict[str, Any] = {}
     for job in jobs:
-        if not finished(job.run_dir):
+        if not _usable(job):
             continue
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir, failed=True)
-        expected = expected_rounds(job.config)
+        expected = np.asarray(expected_rounds(job.config))
         stopped = "error" in summary
         if stopped and len(acc) < len(expected):  # carry the last evaluation forward
             acc = np.concatenate([acc, np.full(len(expected) - len(acc), acc[-1])])
+            rounds = expected
         cell = out.setdefault(str(job.f), {}).setdefault(job.attack, {}).setdefault(
-            job.aggregator, {"seeds": [], "final": [], "rounds": expected, "curves": [],
-                             "rejected": [], "infeasible": [], "wall_seconds": [], "stopped": []})
+            job.aggregator, {"seeds": [], "headline": [], "final": [], "earlier": [],
+                             "rounds": rounds.tolist(), "curves": [], "rejected": [],
+                             "infeasible": [], "wall_seconds": [], "stopped": []})
         cell["stopped"].append(int(stopped))
         cell["seeds"].append(job.seed)
+        cell["headline"].append(grid.late_mean(rounds, acc, last))
         cell["final"].append(float(acc[-1]))
+        cell["earlier"].append(grid.late_mean(rounds, acc, last, float(rounds[-1]) - PLATEAU_GAP))
         cell["curves"].append(acc.tolist())
         cell["rejected"].append(_column_total(job.run_dir, "rejected"))
         cell["infeasible"].append(_column_total(job.run_dir, "infeasible"))
@@ -175,9 +300,36 @@ def collect(jobs: Sequence[Job]) -> dict[str, Any]:
     return out
 
 
+def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
+    """``{aggregator: {key, values, scores, chosen, edge}}``: a score is the headline of the
+    tuning run (NaN if the runner stopped it); ``chosen`` has the best score; ``edge`` says it is
+    the first or last value of the grid. ConfigError("tuning", ...) if a run is not finished or
+    every value failed."""
+    out: dict[str, Any] = {}
+    for job in jobs:
+        if not _usable(job):
+            raise ConfigError("tuning", f"run {job.name} is not finished; run without "
+                              "--report-only")
+        score = float("nan")
+        if (job.run_dir / grid.SUMMARY).is_file():
+            rounds, acc = grid.run_curve(job.run_dir)
+            score = grid.late_mean(rounds, acc, exp["last_rounds"])
+        cell = out.setdefault(job.aggregator, {"key": job.key, "values": [], "scores": []})
+        cell["values"].append(job.value)
+        cell["scores"].append(score)
+    for agg, cell in out.items():
+        scores = np.asarray(cell["scores"], dtype=np.float64)
+        if np.isnan(scores).all():
+            raise ConfigError("tuning", f"every {cell['key']} of {agg}'s grid failed; lower it")
+        best = int(np.nanargmax(scores))
+        cell["chosen"] = cell["values"][best]
+        cell["edge"] = best in (0, len(scores) - 1)
+    return out
+
+
 def cell_mean(results: Mapping[str, Any], f: int, attack: str, agg: str) -> float:
     cell = results.get(str(f), {}).get(attack, {}).get(agg)
-    return float(np.mean(cell["final"])) if cell and cell["final"] else float("nan")
+    return float(np.mean(cell["headline"])) if cell and cell["headline"] else float("nan")
 
 
 def worst_case(results: Mapping[str, Any], f: int, agg: str, attacks: Sequence[str]) -> float:
@@ -196,7 +348,7 @@ def _fmt(values: Sequence[float] | None, stopped: int = 0) -> str:
 
 
 def _cell_text(cell: Mapping[str, Any] | None) -> str:
-    return _fmt(cell["final"], sum(cell.get("stopped", []))) if cell else "–"
+    return _fmt(cell["headline"], sum(cell.get("stopped", []))) if cell else "–"
 
 
 def _bold_best(cells: dict[str, str], means: dict[str, float]) -> dict[str, str]:
@@ -308,9 +460,13 @@ def plot_curves(results: Mapping[str, Any], f: int, attacks: Sequence[str], aggs
             cell = results.get(str(f), {}).get(a, {}).get(agg)
             if not cell:
                 continue
-            curves = np.array(cell["curves"], dtype=np.float64)
-            ax.plot(cell["rounds"], 100 * curves.mean(axis=0), label=agg, **_style(agg, i))
-        ax.set_title(f"{labels.get(a, a)}, f = {f}", fontsize=9)
+            curves = 100 * np.array(cell["curves"], dtype=np.float64)
+            mean, std = curves.mean(axis=0), curves.std(axis=0)
+            style = _style(agg, i)
+            ax.plot(cell["rounds"], mean, label=agg, **style)
+            ax.fill_between(cell["rounds"], mean - std, mean + std, color=style["color"],
+                            alpha=0.12, lw=0)
+        ax.set_title(f"{labels.get(a, a)}, f = {f} (mean ± std over seeds)", fontsize=9)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     for k in range(len(attacks), nrow * ncol):
@@ -347,24 +503,127 @@ def plot_vs_f(results: Mapping[str, Any], fs: Sequence[int], attacks: Sequence[s
 
 
 # ------------------------------------------------------------------------------ report
-LABELS = {"ipm-0.1": "ipm(0.1)", "ipm-100": "ipm(100)"}
+LABELS: dict[str, str] = {}
 
 
-def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: int) -> str:
+def paired_gap(results: Mapping[str, Any], f: int, attack: str, a: str, b: str) -> np.ndarray | None:
+    """Per-seed headline of ``a`` minus ``b`` in one (f, attack) cell, paired by seed (points of
+    accuracy, 0–1 scale); None if either cell is missing."""
+    ca = results.get(str(f), {}).get(attack, {}).get(a)
+    cb = results.get(str(f), {}).get(attack, {}).get(b)
+    if not ca or not cb:
+        return None
+    hb = dict(zip(cb["seeds"], cb["headline"]))
+    common = [(h, hb[s]) for s, h in zip(ca["seeds"], ca["headline"]) if s in hb]
+    return np.array([x - y for x, y in common]) if common else None
+
+
+def verdict(gaps: np.ndarray) -> str:
+    """``holds`` if ``a`` is above ``b`` on every seed, ``fails`` if below on every seed,
+    ``mixed`` otherwise."""
+    if (gaps > 0).all():
+        return "holds"
+    if (gaps < 0).all():
+        return "fails"
+    return "mixed"
+
+
+def _gap_text(gaps: np.ndarray | None) -> str:
+    if gaps is None or not len(gaps):
+        return "–"
+    std = float(np.std(gaps, ddof=1)) if len(gaps) > 1 else 0.0
+    return f"{100 * gaps.mean():+.1f} ± {100 * std:.1f} ({verdict(gaps)})"
+
+
+def claims_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], target: str = "flag",
+                    attack: str = PAPER_ATTACK) -> str:
+    """The claim table: ``target`` minus each other aggregator, per f, under ``attack`` (paired by
+    seed, mean ± std, points) and in the worst case over attacks (seed means)."""
+    fs = sorted(int(f) for f in exp["f"] if int(f) > 0)
+    attacks = list(exp["attacks"])
+    others = [a for a in exp["aggregators"] if a != target]
+    seeds = sorted({s for f in fs for s in exp["seeds_by_f"].get(f, exp["seeds"])})
+    last, rounds = exp["last_rounds"], exp["base"].get("rounds")
+    lines = [
+        f"**Claim** (Almasi et al., ICLR 2024): the Flag Aggregator (FA) \"consistently outperforms\" "
+        "Multi-Krum, Bulyan, median, trimmed mean, MeaMed and Phocas, across f and batch sizes "
+        "(CIFAR-10, ResNet-18/50, parameter-server SGD, `random` attackers).",
+        "",
+        f"**Ours**: FA minus each rule, test accuracy points (mean over the last {last} of {rounds} "
+        f"rounds), paired by seed: mean ± std over seeds {seeds}; *holds* = FA higher on every "
+        "seed, *fails* = lower on every seed, *mixed* otherwise.",
+        "",
+        f"| FA − rule, `{attack}` attack | " + " | ".join(f"f = {f}" for f in fs)
+        + " | worst case over attacks, " + ", ".join(f"f = {f}" for f in fs) + " |",
+        "|---|" + "---:|" * (2 * len(fs)),
+    ]
+    for agg in others:
+        row = [_gap_text(paired_gap(results, f, attack, target, agg)) for f in fs]
+        for f in fs:
+            w = worst_case(results, f, target, attacks) - worst_case(results, f, agg, attacks)
+            row.append("–" if math.isnan(w) else f"{100 * w:+.1f}")
+        lines.append(f"| {agg} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def tuning_markdown(tuning: Mapping[str, Any], exp: Mapping[str, Any]) -> str:
+    """One line per aggregator: the grid, each value's tuning score, the choice."""
+    if not tuning:
+        return ""
+    t = exp["tuning"]
+    lines = [f"**Tuning** (seed {t['seed']}, every client honest, rules set to tolerate "
+             f"f = {t['f']}; score = the headline metric): ", ""]
+    for agg, c in tuning.items():
+        scores = ", ".join(f"{v:g}: {'–' if math.isnan(sc) else f'{100 * sc:.1f}'}"
+                           for v, sc in zip(c["values"], c["scores"]))
+        edge = " (edge of the grid)" if c.get("edge") else ""
+        lines.append(f"- {agg}: {c['key']} **{c['chosen']:g}**{edge} ({scores})")
+    return "\n".join(lines)
+
+
+def plateau_markdown(results: Mapping[str, Any]) -> str:
+    """How much the headline moved over the last ``PLATEAU_GAP`` rounds, over every cell."""
+    moves = []
+    for f_cells in results.values():
+        for a_cells in f_cells.values():
+            for agg, cell in a_cells.items():
+                d = np.asarray(cell["headline"]) - np.asarray(cell["earlier"])
+                if np.isfinite(d).all():
+                    moves.append(float(np.mean(d)))
+    if not moves:
+        return ""
+    m = np.abs(np.asarray(moves))
+    return (f"**Plateau check**: the headline against the same window {PLATEAU_GAP} rounds earlier, "
+            f"over {len(m)} cells (seed means): median change {100 * float(np.median(m)):.2f} "
+            f"points, largest {100 * float(m.max()):.2f}; {int((m > 0.01).sum())} cells moved by "
+            "more than 1 point.")
+
+
+def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: int,
+                    tuning: Mapping[str, Any] | None = None, wall_seconds: float = 0.0) -> str:
     attacks = list(exp["attacks"])
     aggs = list(exp["aggregators"])
     fs = sorted(int(f) for f in exp["f"])
     fmax = max(fs)
     base = exp["base"]
     seeds_max = exp["seeds_by_f"].get(fmax, exp["seeds"])
+    server = ""
+    if base.get("server_momentum") or base.get("server_lr_decay"):
+        server = (f"; server SGD with momentum {base.get('server_momentum', 0)}, weight decay "
+                  f"{base.get('server_weight_decay', 0)}, lr × {base.get('server_lr_decay', 1)} "
+                  f"every {base.get('server_lr_decay_every', '–')} rounds")
     parts = [
         f"Setting: {base.get('dataset')} ({base.get('partition')}), {base.get('num_clients')} "
         f"clients all training every round, model `{base.get('model')}`, {base.get('rounds')} rounds "
-        f"of {base.get('local_steps')} local steps (batch {base.get('batch_size')}, lr "
-        f"{base.get('lr')}, momentum {base.get('momentum')}). Cells: final test accuracy (%), mean ± "
-        f"std over seeds {seeds_max} at f = 0 and f = {fmax}; f = 1, 2 use seeds "
-        f"{ {f: exp['seeds_by_f'].get(f, exp['seeds']) for f in fs if f not in (0, fmax)} }; "
-        f"{runs} runs.",
+        f"of {base.get('local_steps')} local step(s) (batch {base.get('batch_size')}, client lr "
+        f"{base.get('lr')}, momentum {base.get('momentum')}){server}. Cells: test accuracy (%) "
+        f"averaged over the last {exp['last_rounds']} rounds, mean ± std over seeds {seeds_max}; "
+        f"{runs} runs, {wall_seconds / 60:.0f} minutes of run wall time in all (sum over runs, "
+        "2-core CPU, two runs at a time).",
+        "",
+        tuning_markdown(tuning or {}, exp),
+        "",
+        plateau_markdown(results),
         "",
         f"### Aggregator × attack at f = {fmax} (of {base.get('num_clients')})",
         "",
@@ -407,12 +666,15 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
               "global model had diverged to huge or non-finite weights, so every client's update "
               "was non-finite or absurd); their last evaluated accuracy is carried forward: "
               + (", ".join(stopped) if stopped else "none") + "."]
-    return "\n".join(parts)
+    return "\n".join(p for p in parts)
 
 
-def write_docs(markdown: str, docs: Path) -> Path:
-    """Replace the block between the result markers of ``docs`` (appended if absent)."""
+def write_docs(markdown: str, docs: Path, claims: str | None = None) -> Path:
+    """Replace the block between the result markers of ``docs`` (appended if absent), and the
+    claim table between the claim markers."""
     grid.write_section(docs, markdown.strip(), MARK, empty="# Byzantine-robust aggregation\n")
+    if claims is not None:
+        grid.write_section(docs, claims.strip(), CLAIMS_MARK)
     return docs
 
 
@@ -430,24 +692,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         out, docs, figures = grid.output_paths(args, "runs/robust_mnist1d",
                                                root / "docs" / "robust.md", root / "docs" / "figures",
                                                quick_figures=False)
-        jobs = make_jobs(exp, out)
+        tune_jobs = make_tune_jobs(exp, out)
+        make_jobs(exp, out)  # every table cell validated before anything runs
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{len(jobs)} runs into {out}")
+    echo = lambda m: print(m, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    summaries = {} if args.report_only else run_all(
-        jobs, workers=args.workers, fresh=args.fresh, echo=lambda m: print(m, flush=True))
-    results = collect(jobs)
+    summaries: dict[str, Any] = {}
+    if tune_jobs:
+        print(f"tuning: {len(tune_jobs)} runs into {out / 'tune'}")
+        if not args.report_only:
+            summaries.update(run_all(tune_jobs, workers=args.workers, fresh=args.fresh, echo=echo))
+    try:
+        tuning = collect_tuning(exp, tune_jobs) if tune_jobs else {}
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    chosen = {agg: c["chosen"] for agg, c in tuning.items()}
+    jobs = make_jobs(exp, out, chosen if tune_jobs else None)
+    print(f"table: {len(jobs)} runs into {out}")
+    if not args.report_only:
+        summaries.update(run_all(jobs, workers=args.workers, fresh=args.fresh, echo=echo))
+    results = collect(exp, jobs)
     cpu = [float(s["cpu_seconds"]) for s in summaries.values()
            if not s.get("reused") and "cpu_seconds" in s]
     if cpu:
         print(f"this invocation: {len(cpu)} runs, {sum(cpu) / 60:.1f} CPU minutes "
               f"({np.mean(cpu):.1f} s per run)")
+    all_jobs = [*tune_jobs, *jobs]
+    wall = sum(float(grid.read_summary(j.run_dir, failed=True).get("wall_seconds", 0.0))
+               for j in all_jobs if _usable(j))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"results": results}))
-    done = sum(1 for j in jobs if finished(j.run_dir))
-    md = report_markdown(results, exp, done)
+    from simulations.results import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps(
+        {"config": exp, "tuning": tuning, "results": results, "run_wall_seconds": wall},
+        default=str))
+    done = sum(1 for j in all_jobs if _usable(j))
+    md = report_markdown(results, exp, done, tuning, wall)
+    claims = claims_markdown(results, exp) if "flag" in exp["aggregators"] else None
+    print(claims or "")
     print(md)
     if figures is not None:
         attacks, aggs = list(exp["attacks"]), list(exp["aggregators"])
@@ -456,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_curves(results, fmax, attacks, aggs, LABELS, figures / "robust_curves.png")
         plot_vs_f(results, sorted(int(f) for f in exp["f"]), attacks, aggs, figures / "robust_vs_f.png")
     if docs is not None:
-        print(f"recorded in {write_docs(md, docs)}")
+        print(f"recorded in {write_docs(md, docs, claims)}")
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 

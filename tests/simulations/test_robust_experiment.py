@@ -1,0 +1,112 @@
+"""The Byzantine-robustness study driver (``simulations.experiments.robust``): the paper protocol
+in its config, tuning on a seed the table does not use, the headline window, the claim table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from simulations.experiments import robust as exp_robust
+
+
+def test_config_is_the_flag_papers_parameter_server_protocol():
+    exp = exp_robust.load_experiment()
+    base = exp["base"]
+    # PS-SGD: 15 workers, one minibatch gradient each per round, sent as Δ = −g
+    assert base["num_clients"] == 15 and base["local_steps"] == 1 and base["lr"] == 1.0
+    assert base["momentum"] == 0.0
+    # server SGD: momentum 0.9, weight decay 5e-4, step decay 0.2
+    assert (base["server_momentum"], base["server_weight_decay"], base["server_lr_decay"]) == (
+        0.9, 5e-4, 0.2)
+    assert sorted(exp["f"]) == [0, 1, 2, 3] and len(exp["seeds"]) >= 3 and not exp["seeds_by_f"]
+    assert {"random", "alie", "ipm", "signflip", "minmax"} <= set(exp["attacks"])
+    assert {"flag", "multikrum", "bulyan", "median", "trimmed-mean", "meamed", "phocas",
+            "geomedian", "centered-clipping"} <= set(exp["aggregators"])
+    assert exp["tuning"]["seed"] not in exp["seeds"]
+    for agg in exp["aggregators"]:
+        key, values = exp_robust.tune_grid(exp, agg)
+        assert key == "server_lr" and len(values) >= 4
+        np.testing.assert_allclose(np.diff(np.log10(values)), 0.25, atol=0.01)
+    out = exp_robust.Path("runs/x")
+    tune = exp_robust.make_tune_jobs(exp, out)
+    assert {j.seed for j in tune} == {exp["tuning"]["seed"]}
+    assert all(j.config["num_byzantine"] == 0 and "attack" not in j.config for j in tune)
+    mk = next(j for j in tune if j.aggregator == "multikrum")
+    assert mk.config["strategy_args"]["f"] == exp["tuning"]["f"]  # the rule's tolerance
+    jobs = exp_robust.make_jobs(exp, out, {a: 0.1 for a in exp["aggregators"]})
+    n_aggs, n_seeds = len(exp["aggregators"]), len(exp["seeds"])
+    assert len(jobs) == n_aggs * n_seeds * (1 + 3 * len(exp["attacks"]))
+    assert {j.config["server_lr"] for j in jobs} == {0.1}
+    assert len({j.run_dir for j in [*jobs, *tune]}) == len(jobs) + len(tune)
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda e: e["tuning"].update(seed=0), "tuning.seed"),                    # a table seed
+    (lambda e: e["tuning"].update(f=-1), "tuning.f"),
+    (lambda e: e["tuning"].update(bogus=1), "tuning.bogus"),
+    (lambda e: e["aggregators"]["flag"].update(tune={"server_lr": [0.1]}),
+     "aggregators.flag.tune.server_lr"),
+    (lambda e: e["aggregators"]["flag"].update(server_lr=0.1), "aggregators.flag.tune.server_lr"),
+    (lambda e: e.pop("tuning"), "aggregators.bulyan.tune"),  # grid, no tuning (keys sorted)
+    (lambda e: e["base"].pop("eval_last"), "last_rounds"),                    # not evaluated
+    (lambda e: e.update(last_rounds=0), "last_rounds"),
+])
+def test_config_errors_name_the_field(edit, field, tmp_path):
+    exp = yaml.safe_load(exp_robust.DEFAULT_CONFIG.read_text())
+    edit(exp)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises(exp_robust.ConfigError) as exc:
+        exp_robust.load_experiment(path)
+    assert exc.value.field == field
+
+
+def _cell(seeds, headline):
+    return {"seeds": seeds, "headline": headline, "earlier": headline}
+
+
+def test_paired_gaps_verdicts_and_claim_table():
+    results = {"3": {"random": {"flag": _cell([0, 1, 2], [0.80, 0.82, 0.90]),
+                                "median": _cell([2, 0, 1], [0.70, 0.75, 0.78]),
+                                "krum": _cell([0, 1, 2], [0.85, 0.80, 0.95])},
+                     "alie": {"flag": _cell([0, 1, 2], [0.5, 0.5, 0.5]),
+                              "median": _cell([0, 1, 2], [0.6, 0.6, 0.6]),
+                              "krum": _cell([0, 1, 2], [0.1, 0.1, 0.1])}}}
+    gaps = exp_robust.paired_gap(results, 3, "random", "flag", "median")
+    np.testing.assert_allclose(gaps, [0.80 - 0.75, 0.82 - 0.78, 0.90 - 0.70])  # paired by seed
+    assert exp_robust.verdict(gaps) == "holds"
+    assert exp_robust.verdict(np.array([-0.05, 0.02, -0.01])) == "mixed"
+    assert exp_robust.verdict(np.array([-0.05, -0.02])) == "fails"
+    assert exp_robust.paired_gap(results, 2, "random", "flag", "median") is None
+    exp = {"f": [0, 3], "seeds": [0, 1, 2], "seeds_by_f": {}, "attacks": {"random": {}, "alie": {}},
+           "aggregators": {"flag": {}, "median": {}, "krum": {}}, "last_rounds": 50,
+           "base": {"rounds": 600}}
+    table = exp_robust.claims_markdown(results, exp)
+    # FA − median: +0.097 mean; worst cases: FA 0.5 (alie), median min(0.743, 0.6) = 0.6
+    assert "| median | +9.7 ± 9.0 (holds) | -10.0 |" in table
+    assert "| krum | -2.7 ± 4.0 (mixed) | +40.0 |" in table
+
+
+@pytest.mark.slow
+def test_quick_variant_tunes_then_runs_the_table(tmp_path):
+    out, doc = tmp_path / "q", tmp_path / "robust.md"
+    argv = ["--quick", "--out", str(out), "--docs", str(doc), "--figures", str(tmp_path / "fig"),
+            "--workers", "1"]
+    assert exp_robust.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    exp = exp_robust.load_experiment(quick=True)
+    for agg, cell in res["tuning"].items():
+        assert cell["chosen"] == cell["values"][int(np.nanargmax(cell["scores"]))]
+    assert set(res["tuning"]) == set(exp["aggregators"])
+    for agg in exp["aggregators"]:  # the table ran with the tuned learning rate
+        cfg = yaml.safe_load((out / "f3" / "alie" / agg / "seed-0" / "config.yaml").read_text())
+        assert cfg["server_lr"] == res["tuning"][agg]["chosen"]
+        assert len(res["results"]["3"]["alie"][agg]["headline"]) == 1
+    text = doc.read_text()
+    assert "<!-- robust:claims -->" in text and "| mean |" in text
+    assert (tmp_path / "fig" / "robust_curves.png").is_file()
+    # a second invocation reuses every run
+    assert exp_robust.main([*argv, "--report-only"]) == 0
