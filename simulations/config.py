@@ -124,6 +124,10 @@ class SimulatedTimeConfig(_Strict):
     deadline: float | None = Field(None, gt=0)
 
 
+#: ``server_lr`` when unset; strategies without a server learning rate only accept this value.
+SERVER_LR_DEFAULT = 1.0
+
+
 class RunConfig(_Strict):
     """Everything that defines a run. Field docs are in ``docs/quickstart.md``."""
 
@@ -151,7 +155,7 @@ class RunConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     # server
-    server_lr: float = Field(1.0, ge=0)
+    server_lr: float = Field(SERVER_LR_DEFAULT, ge=0)
     server_momentum: float | None = Field(None, ge=0, lt=1)
     server_weight_decay: float | None = Field(None, ge=0)
     server_lr_decay: float | None = Field(None, gt=0, le=1)
@@ -466,6 +470,11 @@ def strategy_params(cfg: RunConfig) -> dict[str, Any]:
         "max_update_norm": cfg.max_update_norm,
     }
     params = {k: v for k, v in common.items() if entry.param(k) is not None}
+    if entry.param("server_lr") is None and cfg.server_lr != SERVER_LR_DEFAULT:
+        own = " (its server step is strategy_args.eta)" if entry.param("eta") is not None else ""
+        raise ConfigError("server_lr", f"strategy {cfg.strategy!r} is Flower's own rule and has no "
+                          f"server learning rate to set{own}; unset server_lr or use a fedagg delta "
+                          "strategy")
     for key in sorted(strategies.SERVER_OPTIMIZER_NAMES):  # only when set: null = off
         value = getattr(cfg, key)
         if value is None:

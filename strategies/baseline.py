@@ -7,9 +7,11 @@ step added; their aggregation math is Flower's, unchanged. ``flwr-*`` names alwa
 implementations (kept for comparison with our robust rules).
 
 Flower's rules have their own server step: they do not take the server optimiser of our delta
-strategies (``server_momentum``, ``server_weight_decay``, ``server_lr_decay``/``_every``); setting
-one is a ConfigError. ``fedavgm`` is the exception for ``server_momentum``, which is its own β
-(Flower's FedAvgM momentum, default 0.9).
+strategies (``server_momentum``, ``server_weight_decay``, ``server_lr_decay``/``_every``) nor
+``server_lr`` (FedAdam/FedYogi/FedAdagrad: ``eta``; FedProx, FedMedian, FedTrimmedAvg and Flower's
+Krum family replace the model by their aggregate); setting one is a ConfigError. ``fedavgm`` is the
+exception: ``server_lr`` is its server learning rate and ``server_momentum`` its β (Flower's FedAvgM
+momentum, default 0.9).
 """
 
 from __future__ import annotations
@@ -23,17 +25,18 @@ from strategies.base import DeltaStrategy, FedaggStrategy
 from strategies.registry import register
 
 
-def _flower(cls: type, server_lr: float, num_clients: int, **kwargs: Any) -> FedaggStrategy:
+def _flower(cls: type, num_clients: int, **kwargs: Any) -> FedaggStrategy:
     """Instantiate Flower strategy ``cls`` with the fedagg mixin in front of it."""
     wrapped = type(f"Fedagg{cls.__name__}", (FedaggStrategy, cls),
                    {"state_attributes": ("m_t", "v_t", "momentum_vector")})
-    del server_lr, num_clients  # Flower's rules have their own server-side step sizes
+    del num_clients
     return wrapped(**kwargs)
 
 
-def _flower_rule(name: str, **kw: Any):
-    """Register a Flower rule: no server optimiser of ours (see the module docstring)."""
-    return register(name, server_optimizer=False, **kw)
+def _flower_rule(name: str, server_lr: bool = False, **kw: Any):
+    """Register a Flower rule: no server optimiser of ours and, unless it maps ``server_lr`` onto
+    its own step (fedavgm), no ``server_lr`` either (see the module docstring)."""
+    return register(name, server_optimizer=False, server_lr=server_lr, **kw)
 
 
 @register("fedavg", doc="FedAvg: example-weighted mean of client deltas (delta form, server_lr).")
@@ -77,10 +80,10 @@ def build_fedadagrad(**kw: Any) -> FedaggStrategy:
     return _flower(fs.FedAdagrad, **kw)
 
 
-@_flower_rule("fedavgm", params=[Param("server_momentum", float, 0.9, "server momentum β", low=0.0, high=1.0)],
+@_flower_rule("fedavgm", server_lr=True, params=[Param("server_momentum", float, 0.9, "server momentum β", low=0.0, high=1.0)],
               doc="FedAvgM (Hsu et al., arXiv 1909.06335), Flower's implementation; step = server_lr.")
 def build_fedavgm(server_momentum: float, server_lr: float, **kw: Any) -> FedaggStrategy:
-    return _flower(fs.FedAvgM, server_lr=server_lr, server_learning_rate=server_lr,
+    return _flower(fs.FedAvgM, server_learning_rate=server_lr,
                    server_momentum=server_momentum, **kw)
 
 

@@ -67,16 +67,20 @@ def needs(name: str) -> Needs:
 
 
 def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), doc: str = "",
-             server_optimizer: bool = True, needs: Needs | None = None):
+             server_optimizer: bool = True, server_lr: bool = True, needs: Needs | None = None):
     """Register a strategy factory under ``name`` with the common params plus ``params``.
 
     ``server_optimizer=False`` for strategies whose server step is not ours (Flower's rules): they
     do not declare :data:`SERVER_OPTIMIZER_PARAMS` (a strategy's own ``params`` may declare one it
-    honours in its own way, e.g. fedavgm's ``server_momentum``). ``needs``: see :class:`Needs`.
+    honours in its own way, e.g. fedavgm's ``server_momentum``). ``server_lr=False`` for those
+    whose server step size is a parameter of their own (FedAdam's ``eta``): they do not declare
+    ``server_lr``, so building one with it is an error instead of a silently dropped value.
+    ``needs``: see :class:`Needs`.
     """
     if needs is not None:
         NEEDS[name] = needs
-    common = [*COMMON_PARAMS, *(SERVER_OPTIMIZER_PARAMS if server_optimizer else ())]
+    common = [*(p for p in COMMON_PARAMS if server_lr or p.name != "server_lr"),
+              *(SERVER_OPTIMIZER_PARAMS if server_optimizer else ())]
     own = {p.name for p in params}
     return REGISTRY.register(name, params=[*(p for p in common if p.name not in own), *params],
                              doc=doc)

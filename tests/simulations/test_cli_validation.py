@@ -56,6 +56,9 @@ def _assert_one_line_error(code: int, err: str, field: str) -> None:
     (["attack_args.z=1.5"], "attack_args", "--attack"),
     (["--local-steps", "0"], "local_steps", ">= 1"),
     (["--server-lr", "0"], "server_lr", "> 0"),
+    # Flower's FedAdam has its own server step (eta): a server_lr would be dropped
+    (["--strategy", "fedadam", "--server-lr", "0.5"], "server_lr", "strategy_args.eta"),
+    (["--strategy", "fedmedian", "--server-lr", "0.5"], "server_lr", "unset server_lr"),
 ])
 def test_settings_that_would_do_nothing_exit_2(argv, field, hint, tmp_path, capsys) -> None:
     out = tmp_path / "run"

@@ -277,3 +277,17 @@ def test_strategy_level_validation():
         DeltaStrategy(server_lr_decay_every=3)
     with pytest.raises(ConfigError, match="server_weight_decay"):
         DeltaStrategy(server_weight_decay=-1.0)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedprox", "fedmedian",
+                                  "fedtrimmedavg", "flwr-krum", "flwr-multikrum", "flwr-bulyan"])
+def test_flower_rules_without_a_server_lr_refuse_one(name):
+    """A server_lr these rules would drop is refused, naming the field (issue 16)."""
+    with pytest.raises(ConfigError) as exc:
+        strategies.build(name, server_lr=0.5)
+    assert exc.value.field == f"{name}.server_lr"
+
+
+def test_fedavgm_takes_server_lr_as_its_server_learning_rate():
+    assert strategies.build("fedavgm", server_lr=0.5).server_learning_rate == 0.5
+    assert strategies.build("fedadam", eta=0.5).eta == 0.5
