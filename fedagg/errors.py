@@ -17,6 +17,10 @@ class ConfigError(ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Picklable (raised in a worker process, re-raised in the parent)."""
+        return type(self), (self.field, self.message)
+
 
 def unknown_name(field: str, value: object, allowed: Iterable[str]) -> ConfigError:
     """A ConfigError for a value outside a closed set, listing the allowed values."""

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -180,6 +181,23 @@ def init_worker(thread_vars: Sequence[str] = (), level: int = logging.WARNING,
     quiet_logs(level, loggers)
 
 
+def _pool_worker(initializer: Callable[[], None]) -> None:
+    """Pool worker set-up: on Linux the worker gets SIGTERM when the process that started it
+    dies (``prctl(PR_SET_PDEATHSIG)``), so a grid stopped by ``kill PID`` does not leave
+    workers running its queue; then ``initializer()``."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: nothing to arm
+            pass
+        if os.getppid() == 1:  # the parent died before prctl: stop now
+            os._exit(1)
+    initializer()
+
+
 def run_simulation(job: GridJob, fresh: bool = False, *,
                    quiet: Callable[[], None] = quiet_logs,
                    setup: Callable[[Any, Any], None] | None = None,
@@ -292,8 +310,10 @@ def run_all(jobs: Sequence[GridJob], run_job: Callable[[Any, bool], dict[str, An
         return done
     import multiprocessing as mp
 
+    import functools
+
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=initializer) as pool:
+                             initializer=functools.partial(_pool_worker, initializer)) as pool:
         futures = {pool.submit(run_job, job, job.name in redo): job for job in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             record(i, futures[fut], fut.result)
