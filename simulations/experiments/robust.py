@@ -461,7 +461,8 @@ def plot_curves(results: Mapping[str, Any], f: int, attacks: Sequence[str], aggs
             if not cell:
                 continue
             curves = 100 * np.array(cell["curves"], dtype=np.float64)
-            mean, std = curves.mean(axis=0), curves.std(axis=0)
+            mean = curves.mean(axis=0)
+            std = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
             style = _style(agg, i)
             ax.plot(cell["rounds"], mean, label=agg, **style)
             ax.fill_between(cell["rounds"], mean - std, mean + std, color=style["color"],
