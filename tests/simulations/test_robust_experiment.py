@@ -110,3 +110,29 @@ def test_quick_variant_tunes_then_runs_the_table(tmp_path):
     assert (tmp_path / "fig" / "robust_curves.png").is_file()
     # a second invocation reuses every run
     assert exp_robust.main([*argv, "--report-only"]) == 0
+
+
+def test_leak_measures_the_attackers_direction_in_each_aggregate():
+    from simulations.experiments import robust_leak
+
+    gen = np.random.default_rng(0)
+    d = 2000
+    honest = 0.05 * gen.standard_normal((12, d)) + 0.02 * gen.standard_normal(d)
+    attackers = gen.random((3, d))
+    rows = {r["rule"]: r for r in robust_leak.leak_rows(honest, attackers)}
+    assert rows["mean"]["leak"] > 0.9  # the mean is 3/15 of the attackers' 0.5·1 plus noise
+    np.testing.assert_allclose(rows["mean"]["along"],
+                               np.vstack([attackers, honest]).mean(0).sum() / np.sqrt(d))
+    # Multi-Krum and Bulyan select honest updates only; the coordinate-wise rules and FA do not
+    assert rows["multikrum"]["leak"] < 0.05 and rows["bulyan"]["leak"] < 0.05
+    assert rows["multikrum"]["cos_honest"] == pytest.approx(1.0)
+    assert rows["flag"]["leak"] > 0.3  # the attackers' common direction is in FA's subspace
+    assert rows["median"]["leak"] > 0.3 and rows["trimmed-mean"]["leak"] > 0.3
+    assert all(0 <= r["leak"] <= 1 for r in rows.values())
+
+
+def test_leak_cli_refuses_a_directory_without_a_model(tmp_path, capsys):
+    from simulations.experiments import robust_leak
+
+    assert robust_leak.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: run_dir:")
