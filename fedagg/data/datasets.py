@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.data.base import ArrayDataset, CentralDataset
+from fedagg.errors import ConfigError
 from fedagg.io import atomic_write_bytes
 from fedagg.registry import Param, Registry
 from fedagg.rng import numpy_rng
@@ -123,6 +124,44 @@ def domain_settings(num_domains: int, data_seed: int, strength: float = 1.0) -> 
     return out
 
 
+#: Domain styles of multi-domain MNIST-1D (``dataset_args.domain_style``).
+DOMAIN_STYLES = ("drift", "sensor", "sensor-polarity")
+#: Most domains of the ``sensor`` styles.
+SENSOR_DOMAINS = 8
+
+
+def sensor_settings(num_domains: int, strength: float = 1.0,
+                    polarity: bool = False) -> list[dict[str, float]]:
+    """Settings of the ``sensor`` domains: domain ``d`` is canonical MNIST-1D read through a
+    sensor with its own gain and offset (and, with ``polarity``, sign),
+    ``x ↦ sign·gain·x + offset``. With ``s = strength``, bit 0 of ``d`` sets the gain
+    ``1 + 1.5 s``; bits 1–2 pick the offset from ``(0, 1.5 s, −1.5 s, 3 s)``; with ``polarity``
+    bit 1 sets the offset ``1.5 s`` and bit 2 flips the sign instead. Domain 0 is canonical.
+    No extra noise: each domain is an exact affine map of clean signals, so one SSF after the
+    patch embedding can undo it, but one SSF cannot undo two different ones. At most
+    :data:`SENSOR_DOMAINS` domains.
+
+    >>> [(d["scale"], d["shift"]) for d in sensor_settings(4)]
+    [(1.0, 0.0), (2.5, 0.0), (1.0, 1.5), (2.5, 1.5)]
+    >>> [(d["scale"], d["shift"]) for d in sensor_settings(8, polarity=True)][4:6]
+    [(-1.0, 0.0), (-2.5, 0.0)]
+    """
+    if not 1 <= num_domains <= SENSOR_DOMAINS:
+        raise ConfigError("dataset_args.domains", f"the sensor styles have 1 to {SENSOR_DOMAINS} "
+                          f"domains, got {num_domains}")
+    base = {"noise": 0.0, "corr_noise_scale": 0.25, "max_translation": 48}
+    offsets = (0.0, 1.5 * strength, -1.5 * strength, 3.0 * strength)
+    out = []
+    for d in range(num_domains):
+        gain = 1.0 + 1.5 * strength if d & 1 else 1.0
+        if polarity:
+            sign, shift = (-1.0 if d & 4 else 1.0), (1.5 * strength if d & 2 else 0.0)
+        else:
+            sign, shift = 1.0, offsets[d >> 1]
+        out.append({"scale": sign * gain, "shift": shift, **base})
+    return out
+
+
 @DATASETS.register(
     "mnist1d",
     params=[
@@ -130,19 +169,26 @@ def domain_settings(num_domains: int, data_seed: int, strength: float = 1.0) -> 
         Param("data_seed", int, 42, "generator seed of the benchmark (42 = the canonical MNIST-1D)"),
         Param("domains", int, 1, "number of generated domains (feature skew); 1 = plain MNIST-1D", low=1),
         Param("domain_strength", float, 1.0, "how far domains drift from the canonical one", low=0.0),
+        Param("domain_style", str, "drift", "drift: random gain, offset, noise, translation per "
+              "domain; sensor: gain × offset, no noise; sensor-polarity: sign × gain × offset "
+              "(the sensor styles: at most 8 domains)", choices=DOMAIN_STYLES),
     ],
 )
 def load_mnist1d(
-    num_samples: int = 5000, data_seed: int = 42, domains: int = 1, domain_strength: float = 1.0
+    num_samples: int = 5000, data_seed: int = 42, domains: int = 1, domain_strength: float = 1.0,
+    domain_style: str = "drift",
 ) -> CentralDataset:
-    """MNIST-1D, optionally as ``domains`` feature-shifted domains of ``num_samples // domains`` each."""
+    """MNIST-1D, optionally as ``domains`` feature-shifted domains of ``num_samples // domains``
+    each (:func:`domain_settings` for the ``drift`` style, :func:`sensor_settings` for
+    ``sensor``)."""
     if domains == 1:
         d = _cached("mnist1d", {"n": num_samples, "seed": data_seed},
                     lambda: _generate_mnist1d(num_samples, data_seed))
         return CentralDataset(
             "mnist1d", ArrayDataset(d["x"], d["y"]), ArrayDataset(d["x_test"], d["y_test"]), 10
         )
-    settings = domain_settings(domains, data_seed, domain_strength)
+    settings = (domain_settings(domains, data_seed, domain_strength) if domain_style == "drift"
+                else sensor_settings(domains, domain_strength, domain_style == "sensor-polarity"))
     per = num_samples // domains
     xs, ys, ds, xt, yt, dt = [], [], [], [], [], []
     for k, s in enumerate(settings):

@@ -1,31 +1,35 @@
-"""``python -m simulations.experiments.fedins``: the FedIns experiment of docs/fedins.md.
+"""``python -m simulations.experiments.fedins``: the FedIns study of docs/fedins.md.
 
-    nice -n 10 python -m simulations.experiments.fedins            # the grid (3 seeds)
-    nice -n 10 python -m simulations.experiments.fedins --sweep    # the learning-rate check
+    nice -n 10 python -m simulations.experiments.fedins            # tuning, then the table's grid
     python -m simulations.experiments.fedins --quick               # smoke run (quick backbone)
 
-Runs every (heterogeneity level × method × seed) of ``simulations/configs/fedins_mnist1d.yaml``
-with the inline engine, ``--workers`` runs at a time (process pool, default 2), into
-``--out/<level>/<method>/seed-<s>/`` (default ``runs/fedins_mnist1d``). Finished runs are reused
-(``--fresh`` redoes them; ``--report-only`` runs nothing). The backbone is loaded (pretrained and
-cached if missing) once before the pool starts.
+Two stages, both resumable sweeps (a finished run whose ``config.yaml`` matches its cell is
+reused; ``--fresh`` redoes them, ``--report-only`` runs nothing), ``--workers`` runs at a time
+with the inline engine (process pool, default 2):
 
-Then every run is re-evaluated offline per instance (:func:`simulations.evaluate.evaluate_run`:
-per-domain accuracy, FedIns slot selection), ``results.json`` goes into ``--out``, the tables go
-between ``<!-- fedins:results -->`` and ``<!-- /fedins:results -->`` of ``--docs`` (default
-``docs/fedins.md``; none with ``--quick`` unless given) and the figures ``fedins_accuracy.png``
-(accuracy vs domains per client, mean ± std over seeds) and ``fedins_slots.png`` (which slots each
-domain selects) into ``--figures``.
+1. **Tuning.** Every method with a ``tune`` grid (``{lr: [values]}``) runs once per value on the
+   ``tuning`` seed (not a table seed), on ``tuning.level`` (or ``each`` level), for
+   ``tuning.rounds`` rounds, into ``--out/tune/<level>/<method>/<key>-<value>/``. The value with
+   the best headline (mean test accuracy over the last ``last_rounds`` rounds) is chosen.
+2. **Table.** Every (level × method × seed) with the chosen values, into
+   ``--out/<level>/<method>/seed-<s>/``.
 
-``--sweep`` runs the config's ``sweep`` section instead (each method at each learning rate, one
-seed outside ``seeds``, one level) and writes its table between ``<!-- fedins:sweep -->`` markers.
+Then every table run is re-evaluated offline per instance (:func:`simulations.evaluate.evaluate_run`:
+per-domain accuracy and, for FedIns, the slots each test sample selects) and the FedIns routing is
+measured (:func:`routing_stats`: slot usage, whether the selected slots name the domain, how far
+the keys moved from their initial draw); the query's domain separability is measured on the data
+(:func:`query_separability`, also for the ``query_check`` domain styles). ``results.json`` goes into
+``--out``, the claim table between ``<!-- fedins:claims -->`` markers and the tables between
+``<!-- fedins:results -->`` markers of ``--docs`` (default ``docs/fedins.md``; none with
+``--quick`` unless given), the figures ``fedins_convergence.png`` (test accuracy per round, one
+panel per level, mean ± std over seeds) and ``fedins_slots.png`` (which slots each domain selects)
+into ``--figures``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,75 +39,134 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
-from simulations.experiments import grid
+from simulations.experiments import grid, tuning
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedins_mnist1d.yaml"
 MARK = "fedins:results"
-SWEEP_MARK = "fedins:sweep"
+CLAIMS_MARK = "fedins:claims"
 SECTIONS = ("seeds", "base", "levels", "methods")
+OPTIONAL = ("tuning", "last_rounds", "plateau_gap", "query_check")
+#: The claim "less than 15 % communication cost" (FedIns abstract, Tiny-ImageNet, vs full FL).
+COMM_CLAIM = 0.15
 
 
 # ------------------------------------------------------------------------------ config
 def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
-    """The experiment mapping (``seeds``, ``base``, ``levels``, ``methods``, optional ``sweep``);
+    """The experiment mapping, checked: ``seeds``, ``base``, ``levels``, ``methods`` (each may
+    have a ``tune`` grid), optional ``tuning`` (``seed``, ``rounds``, ``level``), ``last_rounds``
+    (default 1: the final accuracy), ``plateau_gap`` (default half the table's rounds) and
+    ``query_check`` (domain styles whose query separability is measured next to the study's);
     ``quick`` applies the ``quick`` section (its ``base`` merges into ``base``, others replace)."""
-    exp = grid.load_grid(path, SECTIONS, ("sweep",), quick=quick)
+    exp = grid.load_grid(path, SECTIONS, OPTIONAL, quick=quick)
     if not exp["seeds"] or not exp["levels"] or not exp["methods"]:
         raise ConfigError("seeds", "need at least one seed, level and method")
+    exp["methods"] = {m: dict(over or {}) for m, over in exp["methods"].items()}
+    exp["levels"] = {lv: dict(over or {}) for lv, over in exp["levels"].items()}
+    grids = tuning.tune_grids(exp["methods"])
+    rounds = int(exp["base"].get("rounds", 20))
+    if exp.get("tuning") is not None:
+        exp["tuning"] = tuning.check_tuning(exp["tuning"], exp["seeds"], rounds, "level",
+                                            list(exp["levels"]))
+        if not grids:
+            raise ConfigError("tuning", "no method has a `tune` grid; add one or drop `tuning`")
+    elif grids:
+        raise ConfigError(f"methods.{next(iter(grids))}.tune",
+                          "a tune grid needs a `tuning` section (seed, rounds, level)")
+    lengths = {"base.rounds": rounds}
+    if exp.get("tuning"):
+        lengths["tuning.rounds"] = exp["tuning"]["rounds"]
+    exp["last_rounds"] = tuning.check_last_rounds(exp.get("last_rounds", 1), exp["base"], lengths)
+    gap = exp.setdefault("plateau_gap", rounds // 2)
+    if not isinstance(gap, int) or isinstance(gap, bool) or not 1 <= gap < rounds:
+        raise ConfigError("plateau_gap", f"an integer in [1, base.rounds={rounds}) (got {gap!r})")
+    styles = exp.setdefault("query_check", [])
+    from fedagg.data.datasets import DOMAIN_STYLES
+
+    if not isinstance(styles, list) or any(s not in DOMAIN_STYLES for s in styles):
+        raise ConfigError("query_check", f"a list of domain styles, each one of "
+                          f"{', '.join(DOMAIN_STYLES)} (got {styles!r})")
     return exp
+
+
+def tuned_levels(exp: Mapping[str, Any]) -> list[str]:
+    """The levels tuning runs on: all, or the one named by ``tuning.level``."""
+    where = exp["tuning"]["level"]
+    return list(exp["levels"]) if where == "each" else [where]
 
 
 @dataclasses.dataclass(frozen=True)
 class Job(grid.GridJob):
-    """One run of the grid."""
+    """One run: of the table (``value`` None) or of tuning (``value`` the tuned key's value)."""
 
     level: str
     method: str
     seed: int
     config: dict[str, Any]
-    tag: str = ""
+    value: float | None = None
+    key: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.level}/{self.method}{self.tag}/seed-{self.seed}"
+        if self.value is not None:
+            return f"tune/{self.level}/{self.method}/{self.key}={self.value:g}"
+        return f"{self.level}/{self.method}/seed-{self.seed}"
 
 
-def _job(exp: Mapping[str, Any], level: str, method: str, seed: int, out: Path,
-         extra: Mapping[str, Any] | None = None, tag: str = "") -> Job:
-    if level not in exp["levels"]:
-        raise ConfigError("sweep.level", f"unknown level {level!r}; allowed: {', '.join(exp['levels'])}")
-    if method not in exp["methods"]:
-        raise ConfigError("sweep.lr", f"unknown method {method!r}; allowed: {', '.join(exp['methods'])}")
-    data = grid.merge(grid.merge(grid.merge(exp["base"], exp["methods"][method] or {}),
-                                 exp["levels"][level] or {}), extra or {})
-    data.update(seed=int(seed), out=str(out / level / f"{method}{tag}" / f"seed-{seed}"))
+def _cell(exp: Mapping[str, Any], level: str, method: str, seed: int, out: Path,
+          extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated run config of one cell: ``base`` ← method ← level ← ``extra``."""
+    over = {k: v for k, v in exp["methods"][method].items() if k != "tune"}
+    data = grid.merge(grid.merge(grid.merge(exp["base"], over), exp["levels"][level]), extra)
+    data.update(seed=int(seed), out=str(out))
     grid.validate_cell(data, f"{level}.{method}")
-    return Job(level, method, int(seed), data, tag)
+    return data
 
 
-def make_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
-    """Every (level, method, seed), validated up front (a ConfigError names the cell)."""
-    return [_job(exp, level, method, s, out)
-            for level in exp["levels"] for method in exp["methods"] for s in exp["seeds"]]
-
-
-def make_sweep_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
-    """The ``sweep`` section: every (method, lr) at ``sweep.level`` with seed ``sweep.seed``."""
-    sw = exp.get("sweep")
-    if not sw:
-        raise ConfigError("sweep", "the config has no sweep section")
+def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
+    """Every (tuned level, tuned method, value) on the tuning seed, validated up front."""
+    if not exp.get("tuning"):
+        return []
+    t = exp["tuning"]
     jobs = []
-    for method, lrs in sw["lr"].items():
-        for lr in lrs:
-            jobs.append(_job(exp, sw["level"], method, int(sw["seed"]), out / "sweep",
-                             {"lr": float(lr), **(sw.get("base") or {})}, tag=f"-lr{lr:g}"))
+    for level in tuned_levels(exp):
+        for method, (key, values) in tuning.tune_grids(exp["methods"]).items():
+            for v in values:
+                run = out / "tune" / level / method / f"{key}-{v:g}"
+                data = _cell(exp, level, method, t["seed"], run, {key: v, "rounds": t["rounds"]})
+                jobs.append(Job(level, method, t["seed"], data, v, key))
+    return jobs
+
+
+def make_jobs(exp: Mapping[str, Any], out: Path,
+              chosen: Mapping[str, Mapping[str, float]] | None = None) -> list[Job]:
+    """Every (level, method, seed) of the table, validated up front (a ConfigError names the
+    cell). A tuned method gets ``chosen[level][method]``; without ``chosen`` (checking the
+    configs before tuning has run) the first value of its grid."""
+    grids = tuning.tune_grids(exp["methods"])
+    jobs = []
+    for level in exp["levels"]:
+        for method in exp["methods"]:
+            extra = {}
+            if method in grids:
+                key, values = grids[method]
+                extra[key] = chosen[level][method] if chosen is not None else values[0]
+            for seed in exp["seeds"]:
+                run = out / level / method / f"seed-{seed}"
+                jobs.append(Job(level, method, int(seed),
+                                _cell(exp, level, method, seed, run, extra)))
     return jobs
 
 
 # ------------------------------------------------------------------------------ running
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
-    """Run (or reuse) one simulation; return its summary (plus ``reused``)."""
-    return grid.run_simulation(job, fresh)
+    """Run (or reuse) one simulation; return its summary (plus ``reused``). A tuning run that
+    the runner stops (e.g. a learning rate that diverges) is kept as ``failed.json``."""
+    return grid.run_simulation(job, fresh, keep_failed=job.value is not None)
+
+
+def _worker() -> None:
+    """Pool worker set-up: one BLAS/OpenMP thread per run (runs are the parallelism), quiet logs."""
+    grid.init_worker(("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
 
 
 def prepare_backbones(jobs: Sequence[Job], echo: Callable[[str], None] = print) -> None:
@@ -111,47 +174,221 @@ def prepare_backbones(jobs: Sequence[Job], echo: Callable[[str], None] = print) 
     parallel workers never pretrain the same backbone at once."""
     from fedagg.models.backbone import backbone_cache_path, backbone_entry, load_backbone
 
-    for name in sorted({str(j.config.get("model_args", {}).get("backbone", "mnist1d-transformer"))
-                        for j in jobs}):
+    for name in sorted({_backbone(j.config) for j in jobs}):
         entry = backbone_entry(name)
         if entry.recipe is not None and not backbone_cache_path(name, entry.recipe).is_file():
             echo(f"pretraining backbone {name} (cached for later runs) ...")
         load_backbone(name)
 
 
+def _backbone(config: Mapping[str, Any]) -> str:
+    return str((config.get("model_args") or {}).get("backbone", "mnist1d-transformer"))
+
+
 def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Run ``jobs`` (``workers`` at a time); ``{job.name: summary}``. A run the runner stops (e.g.
-    every update rejected: a diverged learning rate) is reported as FAILED and left out."""
-    from simulations.runner import RunError
+    """Run ``jobs`` (``workers`` at a time; finished runs with another config are redone);
+    ``{job.name: summary}``."""
+    tuning_jobs = any(j.value is not None for j in jobs)
+    return grid.run_all(jobs, run_job, initializer=_worker, workers=workers, fresh=fresh,
+                        echo=echo, keep_failed=tuning_jobs, stale=grid.config_stale,
+                        prepare=lambda todo: prepare_backbones(todo, echo))
 
-    return grid.run_all(jobs, run_job, initializer=grid.init_worker, workers=workers, fresh=fresh,
-                        echo=echo, prepare=lambda todo: prepare_backbones(todo, echo),
-                        catch=(RunError,))
+
+# ------------------------------------------------------------------------------ diagnostics
+def purity(keys: np.ndarray, labels: np.ndarray) -> float:
+    """Share of samples whose ``key``'s most frequent ``label`` is their own: how well ``keys``
+    (e.g. each sample's first slot) name ``labels`` (e.g. its domain). 1 = every key holds one
+    label; the largest label share when keys carry no information.
+
+    >>> purity(np.array([0, 0, 1, 1]), np.array([5, 5, 6, 7]))
+    0.75
+    """
+    if len(keys) == 0:
+        return float("nan")
+    hits = sum(int(np.bincount(labels[keys == k]).max()) for k in np.unique(keys))
+    return hits / len(keys)
+
+
+def effective_number(counts: np.ndarray) -> float:
+    """``exp(entropy)`` of the distribution ``counts / Σ counts``: how many equally used items
+    it is worth (all on one: 1; uniform over n: n).
+
+    >>> round(effective_number(np.array([1, 1, 0, 2])), 3)
+    2.828
+    """
+    p = np.asarray(counts, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def routing_stats(ev: Any, initial: np.ndarray | None = None) -> dict[str, Any]:
+    """FedIns routing of a saved run (``ev``: its :class:`~simulations.evaluate.Evaluation`): the
+    slot histogram per domain, slots used and effective slots (all test samples, and per domain),
+    the purity of the first slot for domain and class (with their chance levels), and
+    ``kept_from_init``, the share of a sample's final top-k slots that were already in its top-k
+    under the initial pool (``initial: (n, k)``, the slots the run's initial keys select; 1 = the
+    keys never moved; NaN without ``initial``)."""
+    counts = np.bincount(ev.slots.reshape(-1), minlength=ev.pool_size)
+    doms = ev.domains if ev.domains is not None else np.zeros(len(ev.labels), np.int64)
+    k = ev.slots.shape[1]
+    kept = float("nan") if initial is None else float(np.mean(
+        [len(set(a) & set(b)) / k for a, b in zip(ev.slots.tolist(), initial.tolist(),
+                                                  strict=True)]))
+    return {
+        "slot_histogram": ev.slot_histogram().tolist(),
+        "slots_used": int((counts > 0).sum()),
+        "effective_slots": effective_number(counts),
+        "domain_effective_slots": [effective_number(np.bincount(ev.slots[doms == d].reshape(-1),
+                                                                minlength=ev.pool_size))
+                                   for d in np.unique(doms)],
+        "domain_purity": purity(ev.slots[:, 0], doms),
+        "domain_chance": float(np.bincount(doms).max() / len(doms)),
+        "class_purity": purity(ev.slots[:, 0], ev.labels),
+        "class_chance": float(np.bincount(ev.labels).max() / len(ev.labels)),
+        "kept_from_init": kept,
+    }
+
+
+def initial_slots(run_dir: Path) -> np.ndarray:
+    """``(n, k)``: the slots each server test sample selects under the run's *initial* pool (the
+    model its config and seed build before round 1, as the runner does)."""
+    import torch
+
+    from fedagg.models import build_model
+    from simulations.evaluate import load_run
+
+    cfg, _, data = load_run(run_dir)
+    init = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, cfg.model_args)
+    with torch.no_grad():
+        return init.match(torch.as_tensor(data.test.x)).idx.numpy()
+
+
+def evaluate(run_dir: Path) -> tuple[Any, dict[str, Any] | None]:
+    """``(Evaluation, routing stats or None)`` of a finished run (see :func:`routing_stats`)."""
+    from simulations.evaluate import evaluate_run
+
+    ev = evaluate_run(run_dir)
+    if ev.slots is None:
+        return ev, None
+    return ev, routing_stats(ev, initial_slots(run_dir))
+
+
+def query_separability(base: Mapping[str, Any], style: str | None = None) -> float:
+    """How well the FedIns query (the frozen backbone's pre-logit feature, SSF off) names the
+    domain: nearest-centroid accuracy on the server test set, by cosine to each domain's mean
+    normalised query over the training pool (chance: 1 / domains). ``base``: the study's run
+    config (dataset, ``dataset_args``, ``partition_args.num_domains``, backbone); ``style``
+    replaces ``dataset_args.domain_style``."""
+    import torch
+
+    from fedagg.data.federated import load_central
+    from fedagg.models.backbone import load_backbone
+
+    dargs = dict(base.get("dataset_args") or {})
+    dargs["domains"] = int((base.get("partition_args") or {}).get("num_domains", 4))
+    if style is not None:
+        dargs["domain_style"] = style
+    central = load_central(base["dataset"], **dargs)
+    bb = load_backbone(_backbone(base))
+
+    def q(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            f = bb.feature_fn(bb.module, torch.as_tensor(x)).numpy().astype(np.float64)
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    qtr, qte = q(central.train.x), q(central.test.x)
+    doms = np.unique(central.train.domain)
+    cent = np.stack([qtr[central.train.domain == d].mean(0) for d in doms])
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    return float(np.mean(doms[(qte @ cent.T).argmax(1)] == central.test.domain))
+
+
+def backbone_parameters(base: Mapping[str, Any]) -> int:
+    """Parameters of the study's backbone (what full fine-tuning sends)."""
+    from fedagg.models.backbone import load_backbone
+
+    return int(sum(p.numel() for p in load_backbone(_backbone(base)).module.parameters()))
 
 
 # ------------------------------------------------------------------------------ results
-def collect(jobs: Sequence[Job]) -> dict[str, Any]:
-    """Per (level, method): per-seed final and per-domain accuracy, communication, run time, and
-    (FedIns) the slot histogram of each seed. JSON-ready."""
-    from simulations.evaluate import evaluate_run
-    from simulations.results import read_metrics
+def _usable(job: Job) -> bool:
+    """A finished run of this job's config (another config's results are never reported)."""
+    return grid.finished(job.run_dir, failed=job.value is not None) and not grid.config_stale(job)
 
+
+def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
+    """``{level: {method: {key, values, scores, chosen}}}`` for every level of the table (with
+    one ``tuning.level``, its choice is copied to the others, ``from`` names it). A score is the
+    headline of the tuning run (NaN for a run the runner stopped). ``ConfigError("tuning", ...)``
+    if a tuning run is not finished or every value of a grid failed."""
+    last = exp["last_rounds"]
     out: dict[str, Any] = {}
     for job in jobs:
-        if not grid.finished(job.run_dir):
+        if not _usable(job):
+            raise ConfigError("tuning", f"run {job.name} is not finished; run without "
+                              "--report-only")
+        score = float("nan")
+        if (job.run_dir / grid.SUMMARY).is_file():
+            rounds, acc = grid.run_curve(job.run_dir)
+            score = tuning.late_mean(rounds, acc, last)
+        cell = out.setdefault(job.level, {}).setdefault(
+            job.method, {"key": job.key, "values": [], "scores": []})
+        cell["values"].append(job.value)
+        cell["scores"].append(score)
+    for cells in out.values():
+        for cell in cells.values():
+            cell["chosen"] = tuning.choose(cell["values"], cell["scores"])
+    if exp.get("tuning") and exp["tuning"]["level"] != "each":
+        src = exp["tuning"]["level"]
+        out = {lv: {m: {**c, "from": src} for m, c in out[src].items()} for lv in exp["levels"]}
+    return out
+
+
+def chosen_values(tuned: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``{level: {method: chosen value}}`` of :func:`collect_tuning`."""
+    return {lv: {m: c["chosen"] for m, c in cells.items()} for lv, cells in tuned.items()}
+
+
+def missing_cells(jobs: Sequence[Job]) -> list[str]:
+    """``level/method (k of n seeds finished)`` for every cell with an unfinished run."""
+    cells: dict[tuple[str, str], list[bool]] = {}
+    for j in jobs:
+        cells.setdefault((j.level, j.method), []).append(_usable(j))
+    return [f"{lv}/{m} ({sum(done)} of {len(done)} seeds finished)"
+            for (lv, m), done in cells.items() if not all(done)]
+
+
+def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
+    """Per (level, method), per seed: headline (mean over the last ``last_rounds`` rounds), best
+    over the evaluated rounds (and its round), final, the headline window ``plateau_gap`` rounds
+    earlier, collapsed, offline re-evaluation (accuracy, per domain), bytes per round, run time,
+    curves and, for FedIns, :func:`routing_stats`. Only complete cells (every seed finished) are
+    reported; :func:`missing_cells` names the others. JSON-ready."""
+    last, gap = exp["last_rounds"], exp["plateau_gap"]
+    out: dict[str, Any] = {}
+    incomplete = {(j.level, j.method) for j in jobs if not _usable(j)}
+    for job in jobs:
+        if (job.level, job.method) in incomplete:
             continue
+        rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir)
         rows = grid.train_rows(job.run_dir)
-        ev = evaluate_run(job.run_dir)
-        cell = out.setdefault(job.level, {}).setdefault(job.method + job.tag, {
-            "seeds": [], "final": [], "offline": [], "per_domain": [], "wall_seconds": [],
-            "bytes_down": [], "bytes_up": [], "clients": [], "federated_scalars": [],
-            "slot_histogram": [], "curves": [], "rounds": []})
-        acc = [(int(r["round"]), float(r["test_accuracy"])) for r in read_metrics(job.run_dir)
-               if math.isfinite(float(r["test_accuracy"]))]
+        ev, routing = evaluate(job.run_dir)
+        cell = out.setdefault(job.level, {}).setdefault(job.method, {
+            "seeds": [], "headline": [], "best": [], "best_round": [], "final": [],
+            "earlier": [], "collapsed": [], "offline": [], "per_domain": [],
+            "wall_seconds": [], "bytes_down": [], "bytes_up": [], "clients": [],
+            "federated_scalars": [], "routing": [], "rounds": rounds.tolist(), "curves": []})
+        head = tuning.late_mean(rounds, acc, last)
+        trained = rounds > 0
         cell["seeds"].append(job.seed)
-        cell["final"].append(float(summary["final_test_accuracy"]))
+        cell["headline"].append(head)
+        cell["best"].append(float(acc[trained].max()))
+        cell["best_round"].append(int(rounds[trained][int(np.argmax(acc[trained]))]))
+        cell["final"].append(float(acc[-1]))
+        cell["earlier"].append(tuning.late_mean(rounds, acc, last, float(rounds[-1]) - gap))
+        cell["collapsed"].append(tuning.collapsed(acc, head, job.run_dir))
         cell["offline"].append(ev.accuracy)
         cell["per_domain"].append({str(d): a for d, (a, _) in ev.per_domain().items()})
         cell["wall_seconds"].append(float(summary["wall_seconds"]))
@@ -159,41 +396,123 @@ def collect(jobs: Sequence[Job]) -> dict[str, Any]:
         cell["bytes_up"].append(float(np.mean([r["bytes_up"] for r in rows])))
         cell["clients"].append(float(np.mean([r["clients"] for r in rows])))
         cell["federated_scalars"].append(int(summary["model_parameters"]))
-        cell["rounds"] = [a[0] for a in acc]
-        cell["curves"].append([a[1] for a in acc])
-        if ev.slots is not None:
-            cell["slot_histogram"].append(ev.slot_histogram().tolist())
+        cell["curves"].append(acc.tolist())
+        if routing is not None:
+            cell["routing"].append(routing)
     return out
 
 
-#: The accuracy table (rows = methods, columns = levels), see :func:`grid.method_table`.
-accuracy_table = grid.method_table
+def tuning_walls(jobs: Sequence[Job]) -> tuple[int, float]:
+    """``(runs, summed run seconds)`` of the finished tuning runs."""
+    secs = [float(grid.read_summary(j.run_dir, failed=True).get("wall_seconds", 0.0))
+            for j in jobs if grid.finished(j.run_dir, failed=True)]
+    return len(secs), float(sum(secs))
 
 
-def comm_table(results: Mapping[str, Any], methods: Sequence[str]) -> str:
-    """Per method: federated scalars, bytes per client and per round (down + up), vs finetune."""
-    lv = next(iter(results))
-    ref = None
-    if "finetune" in results[lv]:
-        c = results[lv]["finetune"]
-        ref = (np.mean(c["bytes_down"]) + np.mean(c["bytes_up"])) / np.mean(c["clients"])
-    lines = ["| method | scalars sent per client | bytes down / client | bytes down + up per round "
-             f"({int(np.mean(results[lv][methods[0]]['clients']))} clients) | vs finetune |",
-             "|---|---:|---:|---:|---:|"]
-    for m in methods:
-        if m not in results[lv]:
+# ------------------------------------------------------------------------------ report
+def collapsed_seeds(results: Mapping[str, Any], level: str, method: str) -> list[int]:
+    """The seeds whose run of ``method`` at ``level`` collapsed."""
+    cell = results.get(level, {}).get(method)
+    if cell is None:
+        return []
+    return [s for s, d in zip(cell["seeds"], cell["collapsed"], strict=True) if d]
+
+
+def _seeds_text(g: np.ndarray | None) -> str:
+    return "–" if g is None else ", ".join(f"{x:+.1f}" for x in g)
+
+
+def _verdict(g: np.ndarray) -> str:
+    if g.mean() <= 0:
+        return "**no**" + (" (below on every seed)" if (g < 0).all() else
+                           f" (mean ≤ 0; above on {int((g > 0).sum())} of {g.size} seeds)")
+    if (g > 0).all():
+        return "**holds** (every seed)"
+    return f"**unclear** (mean > 0, but below on {int((g <= 0).sum())} of {g.size} seeds)"
+
+
+def claims(exp: Mapping[str, Any], results: Mapping[str, Any],
+           backbone_params: int | None = None) -> list[tuple[str, str, str]]:
+    """The claim table's rows ``(claim, our number, verdict)``: FedIns above the single shared SSF
+    at each level (headline gap; the best-over-rounds gap, the reference's number, next to it),
+    whether the gain grows from the first level to the last (paired by seed), and the
+    communication claim (FedIns's payload over the full backbone's)."""
+    rows = []
+    levels = list(results)
+    for lv in levels:
+        g = tuning.paired_gap(results, lv, "fedins", "ssf")
+        if g is None:
             continue
-        c = results[lv][m]
+        b = tuning.paired_gap(results, lv, "fedins", "ssf", "best")
+        rows.append((f"FedIns above a single shared SSF ({lv})",
+                     f"{tuning.gap_text(g)} (seeds: {_seeds_text(g)}); best over rounds "
+                     f"{tuning.gap_text(b)}", _verdict(g)))
+    if len(levels) > 1:
+        g0 = tuning.paired_gap(results, levels[0], "fedins", "ssf")
+        g1 = tuning.paired_gap(results, levels[-1], "fedins", "ssf")
+        if g0 is not None and g1 is not None and g0.size == g1.size:
+            d = g1 - g0
+            rows.append((f"The gain over SSF grows with intra-client heterogeneity "
+                         f"({levels[0]} → {levels[-1]})",
+                         f"gap({levels[-1]}) − gap({levels[0]}): {tuning.gap_text(d)} "
+                         f"(seeds: {_seeds_text(d)})", _verdict(d)))
+    cells = next(iter(results.values()))
+    if backbone_params and "fedins" in cells:
+        share = cells["fedins"]["federated_scalars"][0] / backbone_params
+        rows.append((f"Less than {100 * COMM_CLAIM:.0f} % of the communication of full-model FL",
+                     f"FedIns sends {cells['fedins']['federated_scalars'][0]:,} scalars per client "
+                     f"and direction, {100 * share:.0f} % of the {backbone_params:,}-parameter "
+                     "backbone", "**holds**" if share < COMM_CLAIM else
+                     "**no** on this backbone (N copies of the SSF vectors and heads outweigh a "
+                     "tiny backbone; on a ViT-B/16 the same pool is 6–10 %)"))
+    return rows
+
+
+def claims_report(exp: Mapping[str, Any], results: Mapping[str, Any],
+                  missing: Sequence[str] = (), backbone_params: int | None = None) -> str:
+    """The claim table written at the top of the docs page (``missing``: unfinished cells)."""
+    any_cell = next(iter(next(iter(results.values())).values()))
+    lines = [] if not missing else [
+        f"**The grid is not finished**: {len(missing)} cells are missing ({', '.join(missing)}). "
+        "The verdicts below cover only the finished cells.", ""]
+    lines += [
+        f"Our numbers: FedIns − SSF, mean test accuracy over the last {exp['last_rounds']} "
+        f"rounds, per-seed paired differences in points, mean ± std (ddof 1) over "
+        f"{len(any_cell['seeds'])} seeds ({', '.join(str(s) for s in any_cell['seeds'])}), "
+        f"{exp['base']['rounds']} rounds, learning rates tuned per method on seed "
+        f"{exp['tuning']['seed'] if exp.get('tuning') else '–'}.",
+        "",
+        "| paper's claim | our number (points) | verdict |",
+        "|---|---|---|",
+        *(f"| {c} | {n} | {v} |" for c, n, v in claims(exp, results, backbone_params)),
+    ]
+    return "\n".join(lines)
+
+
+def comm_table(results: Mapping[str, Any], methods: Sequence[str],
+               backbone_params: int | None) -> str:
+    """Per method: federated scalars, bytes per client and per round (down + up), vs the full
+    backbone (what full fine-tuning would send)."""
+    lv = next(iter(results))
+    cells = results[lv]
+    n = int(np.mean(next(iter(cells.values()))["clients"]))
+    lines = ["| method | scalars sent per client | bytes down / client | bytes down + up per round "
+             f"({n} clients) | vs full backbone |", "|---|---:|---:|---:|---:|"]
+    for m in methods:
+        if m not in cells:
+            continue
+        c = cells[m]
         per_client = np.mean(c["bytes_down"]) / np.mean(c["clients"])
         both = np.mean(c["bytes_down"]) + np.mean(c["bytes_up"])
-        ratio = f"{100 * both / np.mean(c['clients']) / ref:.1f} %" if ref else "–"
+        ratio = (f"{100 * c['federated_scalars'][0] / backbone_params:.1f} %"
+                 if backbone_params else "–")
         lines.append(f"| {m} | {c['federated_scalars'][0]:,} | {per_client:,.0f} | {both:,.0f} | "
                      f"{ratio} |")
     return "\n".join(lines)
 
 
 def domain_table(results: Mapping[str, Any], level: str, methods: Sequence[str]) -> str:
-    """Per-domain test accuracy at ``level``, mean ± std over seeds."""
+    """Per-domain test accuracy of the final models at ``level``, mean ± std over seeds."""
     cells = results[level]
     domains = sorted({d for m in methods if m in cells for pd in cells[m]["per_domain"] for d in pd},
                      key=int)
@@ -207,21 +526,6 @@ def domain_table(results: Mapping[str, Any], level: str, methods: Sequence[str])
     return "\n".join(lines)
 
 
-def slot_text(results: Mapping[str, Any], method: str = "fedins", top: int = 4) -> list[str]:
-    """For each level, the most-selected slots of each domain (first seed)."""
-    lines = []
-    for lv, cells in results.items():
-        if method not in cells or not cells[method]["slot_histogram"]:
-            continue
-        hist = np.asarray(cells[method]["slot_histogram"][0])
-        parts = []
-        for d, row in enumerate(hist):
-            order = np.argsort(-row, kind="stable")[:top]
-            parts.append(f"domain {d}: " + ", ".join(f"{j} ({row[j]:.2f})" for j in order))
-        lines.append(f"- **{lv}** (seed {cells[method]['seeds'][0]}): " + "; ".join(parts))
-    return lines
-
-
 def slot_overlap(hist: np.ndarray) -> np.ndarray:
     """``(D, D)``: overlap of the domains' slot-selection distributions, ``Σ_j min(p_d, p_e) / k``
     (1 = identical choices, 0 = disjoint slots)."""
@@ -230,179 +534,215 @@ def slot_overlap(hist: np.ndarray) -> np.ndarray:
     return np.minimum(p[:, None, :], p[None, :, :]).sum(axis=2)
 
 
-def paired_gap(results: Mapping[str, Any], level: str, a: str, b: str) -> tuple[float, float, list[float]]:
-    """Mean and std over seeds of ``acc(a) − acc(b)`` (percentage points) and the per-seed gaps."""
-    ca, cb = results[level][a], results[level][b]
-    by_seed = dict(zip(cb["seeds"], cb["final"], strict=True))
-    gaps = [100 * (acc - by_seed[s]) for s, acc in zip(ca["seeds"], ca["final"], strict=True)
-            if s in by_seed]
-    g = np.asarray(gaps)
-    return float(g.mean()), float(g.std(ddof=1)) if g.size > 1 else 0.0, gaps
+def _mean_std(values: Sequence[float], fmt: str = ".2f") -> str:
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if v.size > 1 else f"{v.mean():{fmt}}"
 
 
-def _round0(results: Mapping[str, Any], method: str) -> float:
-    """Mean accuracy of ``method`` at round 0 (before training) over levels and seeds."""
-    return float(np.mean([curve[0] for cells in results.values() if method in cells
-                          for curve in cells[method]["curves"]]))
+def routing_table(results: Mapping[str, Any], method: str = "fedins") -> str:
+    """Per level: slot usage (used of N, effective number, overall and per domain), how well
+    the first slot names the domain and the class (with chance), the share of the top-k kept
+    from the initial keys, and the mean overlap of two domains' slot choices; mean ± std over
+    seeds."""
+    lines = ["| level | slots used | effective slots | effective slots per domain | "
+             "first slot → domain (chance) | first slot → class (chance) | top-k kept from "
+             "init | domain overlap |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for lv, cells in results.items():
+        rs = cells.get(method, {}).get("routing") or []
+        if not rs:
+            continue
+        n = len(rs[0]["slot_histogram"][0])
+        ov = [float(slot_overlap(np.asarray(r["slot_histogram"]))[
+            ~np.eye(len(r["slot_histogram"]), dtype=bool)].mean()) for r in rs]
+        lines.append(
+            f"| {lv} | {_mean_std([r['slots_used'] for r in rs], '.1f')} of {n} | "
+            f"{_mean_std([r['effective_slots'] for r in rs], '.1f')} | "
+            f"{_mean_std([np.mean(r['domain_effective_slots']) for r in rs], '.1f')} | "
+            f"{_mean_std([r['domain_purity'] for r in rs])} ({rs[0]['domain_chance']:.2f}) | "
+            f"{_mean_std([r['class_purity'] for r in rs])} ({rs[0]['class_chance']:.2f}) | "
+            f"{_mean_std([r['kept_from_init'] for r in rs])} | {_mean_std(ov)} |")
+    return "\n".join(lines)
 
 
-def report(exp: Mapping[str, Any], results: Mapping[str, Any], wall: float | None) -> str:
-    """The markdown section written into the docs page."""
-    methods = [m for m in exp["methods"] if any(m in c for c in results.values())]
+def slot_text(results: Mapping[str, Any], method: str = "fedins", top: int = 3) -> list[str]:
+    """For each level, the most-selected slots of each domain (first seed)."""
+    lines = []
+    for lv, cells in results.items():
+        rs = cells.get(method, {}).get("routing") or []
+        if not rs:
+            continue
+        hist = np.asarray(rs[0]["slot_histogram"])
+        parts = []
+        for d, row in enumerate(hist):
+            order = np.argsort(-row, kind="stable")[:top]
+            parts.append(f"{d}: " + ", ".join(f"{j} ({row[j]:.2f})" for j in order))
+        lines.append(f"- **{lv}** (seed {cells[method]['seeds'][0]}), domain: slot (share) — "
+                     + "; ".join(parts))
+    return lines
+
+
+def _setting(exp: Mapping[str, Any], tuned: Mapping[str, Any]) -> str:
     b = exp["base"]
-    first = next(iter(next(iter(results.values())).values()))
-    seeds = first["seeds"]
-    levels = list(results)
-    top = levels[-1]
-    runs = sum(len(c["seeds"]) for cells in results.values() for c in cells.values())
-    run_wall = sum(sum(c["wall_seconds"]) for cells in results.values() for c in cells.values())
+    dargs, pargs = b.get("dataset_args") or {}, b.get("partition_args") or {}
     fi = exp["methods"].get("fedins", {})
-    lrs = ", ".join(f"{m} {exp['methods'][m].get('lr', b.get('lr'))}" for m in methods)
-    lines = [
-        f"Setting: multi-domain MNIST-1D ({b.get('dataset_args', {}).get('num_samples', 5000)} "
-        f"samples, {b['partition_args'].get('num_domains', 4)} domains), N = {b['num_clients']} "
-        f"clients, Dirichlet(α = {b['partition_args'].get('alpha')}) label skew inside each domain, "
-        f"frozen backbone `{b.get('model_args', {}).get('backbone')}`, {b['rounds']} rounds × "
-        f"{b.get('local_steps')} local SGD steps (batch {b.get('batch_size')}; lr: {lrs}), "
-        f"FedIns pool N = {fi.get('model_args', {}).get('pool_size')}, top-k = "
-        f"{fi.get('model_args', {}).get('top_k')}, λ = "
-        f"{fi.get('strategy_args', {}).get('lam', 0.1)}; {len(seeds)} seeds "
-        f"({', '.join(str(s) for s in seeds)}).",
-        "",
-        f"**Server test accuracy (%)** after round {b['rounds']}, mean ± std over seeds (columns: "
-        "domains mixed inside each client; best mean per column in bold):",
-        "",
-        accuracy_table(results, methods),
-        "",
-        "Before any round (round 0: the pretrained backbone and head; FedIns and SSF with their "
-        "near-identity SSF init), mean over levels and seeds: "
-        + ", ".join(f"{m} {100 * _round0(results, m):.1f} %" for m in methods) + ".",
-        "",
-    ]
-    if "fedins" in results[top] and "ssf" in results[top]:
-        mean, std, gaps = paired_gap(results, top, "fedins", "ssf")
-        if all(g > 0 for g in gaps):
-            verdict = "beats the single-SSF baseline on every seed"
-        elif all(g < 0 for g in gaps):
-            verdict = "is below the single-SSF baseline on every seed"
-        else:
-            verdict = "does not beat the single-SSF baseline (the sign of the gap changes across seeds)"
-        lines += [
-            f"At the highest heterogeneity (**{top}**) FedIns {verdict}: FedIns − SSF = "
-            f"{mean:+.1f} ± {std:.1f} points (paired by seed: "
-            + ", ".join(f"{g:+.1f}" for g in gaps) + ").",
-            "",
-        ]
+    lrs = chosen_values(tuned) if tuned else {}
+    lr_text = "; ".join(f"{lv}: " + ", ".join(f"{m} {v:g}" for m, v in c.items())
+                        for lv, c in lrs.items())
+    return (
+        f"Setting: multi-domain MNIST-1D, style `{dargs.get('domain_style', 'drift')}` "
+        f"({dargs.get('num_samples', 5000)} samples, {pargs.get('num_domains', 4)} domains), "
+        f"N = {b['num_clients']} clients, Dirichlet(α = {pargs.get('alpha')}) label skew inside "
+        f"each domain, frozen backbone `{_backbone(b)}`, {b['rounds']} rounds × "
+        f"{b.get('local_steps')} local SGD steps (batch {b.get('batch_size')}, momentum "
+        f"{b.get('momentum', 0.9)}), FedIns pool N = {fi.get('model_args', {}).get('pool_size')}, "
+        f"top-k = {fi.get('model_args', {}).get('top_k')}, λ = "
+        f"{fi.get('strategy_args', {}).get('lam', 0.1)}, client weights "
+        f"`{fi.get('strategy_args', {}).get('weighting', 'uniform')}`; evaluated every "
+        f"{b.get('eval_every', 1)} rounds and every one of the last {b.get('eval_last', 0)}. "
+        f"Learning rates (tuned): {lr_text or '–'}.")
+
+
+def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuned: Mapping[str, Any],
+           walls: Mapping[str, float], missing: Sequence[str] = (),
+           query: Mapping[str, float] | None = None, backbone_params: int | None = None) -> str:
+    """The markdown section written into the docs page (after the claims)."""
+    methods = [m for m in exp["methods"] if any(m in c for c in results.values())]
+    last, gap = exp["last_rounds"], exp["plateau_gap"]
+    rounds = exp["base"]["rounds"]
+    lines = [_setting(exp, tuned), ""]
     lines += [
-        f"**Per-domain accuracy (%)** at {top} (domain 0 = the canonical source domain of the "
-        "backbone):",
+        f"**Test accuracy (%)**, mean over the last {last} rounds, mean ± std (ddof 1) over "
+        "seeds (columns: domains mixed inside each client; best mean per column in bold):",
         "",
-        domain_table(results, top, methods),
+        grid.method_table(results, methods, "headline"),
         "",
-        "**Communication per round** (array payload bytes from `metrics.csv`; every client is "
-        "trained every round):",
+        "**Best over the evaluated rounds (%)**, the number the reference code reports (a "
+        "test-set model selection, so optimistic):",
         "",
-        comm_table(results, methods),
+        grid.method_table(results, methods, "best"),
         "",
+        *([f"Not finished (left out of every table): {', '.join(missing)}.", ""]
+          if missing else []),
     ]
-    slot_lines = slot_text(results)
-    if slot_lines:
-        lines += ["**Which slots the domains select** (share of a domain's test samples whose "
-                  "top-k contains the slot; the four most selected slots per domain):", "",
-                  *slot_lines, ""]
-        for lv, cells in results.items():
-            if "fedins" in cells and cells["fedins"]["slot_histogram"]:
-                ov = slot_overlap(np.asarray(cells["fedins"]["slot_histogram"][0]))
-                off = ov[~np.eye(len(ov), dtype=bool)]
-                lines.append(f"- {lv}: overlap of two domains' slot choices (1 = same slots) "
-                             f"{off.mean():.2f} on average (min {off.min():.2f}, max "
-                             f"{off.max():.2f})")
+    pairs = [(lv, tuning.paired_gap(results, lv, "fedins", "ssf"),
+              tuning.paired_gap(results, lv, "fedins", "ssf", "best")) for lv in results]
+    pairs = [p for p in pairs if p[1] is not None]
+    if pairs:
+        lines += ["**FedIns − SSF** (points, paired by seed):", "",
+                  "| level | last-rounds mean | per seed | best over rounds | per seed |",
+                  "|---|---:|---|---:|---|"]
+        lines += [f"| {lv} | {tuning.gap_text(g)} | {_seeds_text(g)} | {tuning.gap_text(b)} | "
+                  f"{_seeds_text(b)} |" for lv, g, b in pairs]
         lines.append("")
+    gone = [f"{lv}/{m} seed {s}" for lv in results for m in methods
+            for s in collapsed_seeds(results, lv, m)]
+    lines += ["Collapsed runs (the headline below half of the run's best accuracy, or a "
+              "non-finite final model): " + (", ".join(gone) if gone else "none") + ".", ""]
+    e0 = rounds - gap
+    lines += [f"**Plateau check**: the headline minus the mean over rounds {e0 - last + 1}–{e0} "
+              "(the evaluated ones), mean ± std over seeds, points; near 0 means the run has "
+              "levelled off:", "",
+              "| method | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+    for m in methods:
+        cells = [("–" if m not in results[lv] else
+                  tuning.gap_text(100 * np.subtract(results[lv][m]["headline"],
+                                                    results[lv][m]["earlier"])))
+                 for lv in results]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    top = list(results)[-1]
+    lines += ["", f"**Per-domain accuracy (%)** of the final models at {top}:", "",
+              domain_table(results, top, methods), ""]
+    if any(c.get("fedins", {}).get("routing") for c in results.values()):
+        lines += [
+            "**FedIns routing** on the server test set (final models), mean ± std over seeds: "
+            "slots selected by any sample; effective slots = exp(entropy) of the slot choices "
+            "(selection collapse: near k); how well a sample's first slot names its domain and "
+            "its class (purity: share of samples in the majority domain / class of their first "
+            "slot; chance = the largest share); the share of a sample's top-k slots already in "
+            "its top-k under the initial keys (1 = the keys did not move); mean overlap of two "
+            "domains' slot choices (1 = the same slots):", "",
+            routing_table(results), "",
+            "Most selected slots per domain (share of the domain's test samples whose top-k "
+            "holds the slot):", "", *slot_text(results), ""]
+    if query:
+        lines += ["**Does the query see the domain?** Nearest-centroid accuracy of the FedIns "
+                  "query (frozen backbone feature, SSF off) for the domain, on the server test "
+                  "set (chance 1/domains): "
+                  + ", ".join(f"style `{s}` {100 * v:.0f} %" for s, v in query.items())
+                  + f" (chance {100 / int(exp['base']['partition_args'].get('num_domains', 4)):.0f} %).",
+                  ""]
+    lines += ["**Communication per round** (array payload bytes from `metrics.csv`; every client "
+              "is trained every round):", "", comm_table(results, methods, backbone_params), ""]
+    if tuned:
+        t = exp["tuning"]
+        where = ("each level separately" if t["level"] == "each"
+                 else f"`{t['level']}` only, the choice used for every level")
+        lines += [f"**Tuned learning rates**, chosen by the same metric on seed {t['seed']} (not a "
+                  f"table seed), {t['rounds']} rounds, on {where}; the score of each value tried "
+                  "in parentheses (%), † = the choice is at the edge of the grid:", "",
+                  tuning.tuning_table(list(exp["methods"]), tuned), ""]
+    runs = sum(len(c["seeds"]) for cells in results.values() for c in cells.values())
+    offline_ok = all(abs(a - o) < 1e-9 for cells in results.values() for c in cells.values()
+                     for a, o in zip(c["final"], c["offline"], strict=True))
     lines.append(
-        f"{runs} runs, {run_wall / 60:.0f} min in total (sum of the runs' wall clocks)"
-        + (f" ({wall / 60:.0f} min wall clock for this invocation, 2 runs at a time on a shared "
-           "2-core machine)" if wall else "")
-        + ". Offline re-evaluation (`python -m simulations.evaluate`) reproduced the final accuracy of "
-        + ("every run" if all(abs(a - o) < 1e-9 for cells in results.values() for c in cells.values()
-                              for a, o in zip(c["final"], c["offline"], strict=True))
-           else "NOT every run (see results.json)")
+        f"Compute: {runs} table runs, {walls.get('table_runs', 0) / 60:.0f} min summed run time; "
+        f"{walls.get('tuning_count', 0):.0f} tuning runs, "
+        f"{walls.get('tuning_runs', 0) / 60:.0f} min summed run time"
+        + (f"; this invocation took {walls['invocation'] / 60:.0f} min wall clock"
+           if walls.get("invocation") else "")
+        + ". Offline re-evaluation (`python -m simulations.evaluate`) reproduced the final "
+        + ("accuracy of every run" if offline_ok else "accuracy of NOT every run (see results.json)")
         + ". Raw numbers: `results.json` in the output directory.")
     return "\n".join(lines)
 
 
-def sweep_report(exp: Mapping[str, Any], results: Mapping[str, Any], out: Path) -> str:
-    """Markdown: per method, final accuracy at each learning rate of the sweep; the rate used
-    by the grid (``methods.<m>.lr``) in bold."""
-    sw = exp["sweep"]
-    cells = results.get(sw["level"], {})
-    rounds = (sw.get("base") or {}).get("rounds", exp["base"]["rounds"])
-    lines = [f"Learning-rate check: seed {sw['seed']} (not one of the reported seeds), level "
-             f"{sw['level']}, {rounds} rounds, otherwise the settings above. Final server test "
-             "accuracy (%) per local learning rate; the rate used for the tables in bold.", "",
-             "| method | lr → accuracy (%) |", "|---|---|"]
-    for method, lrs in sw["lr"].items():
-        chosen = float(exp["methods"][method].get("lr", exp["base"].get("lr", 0.05)))
-        row = []
-        for lr in lrs:
-            c = cells.get(f"{method}-lr{lr:g}")
-            failed = (out / "sweep" / sw["level"] / f"{method}-lr{lr:g}").is_dir()
-            text = (f"{lr:g} → {grid.pm(c['final'])}" if c else
-                    f"{lr:g} → diverged" if failed else f"{lr:g} → –")
-            row.append(f"**{text}**" if math.isclose(lr, chosen) else text)
-        lines.append(f"| {method} | " + ", ".join(row) + " |")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------ figures
-def plot_accuracy(exp: Mapping[str, Any], results: Mapping[str, Any], path: Path) -> None:
-    """Accuracy vs domains per client, mean ± std over seeds, one line per method."""
-    from simulations.plot import save_figure
-
+def plot_convergence(results: Mapping[str, Any], methods: Sequence[str], path: Path) -> None:
+    """One panel per level: test accuracy vs round, mean ± std over seeds per method."""
     plt = grid.pyplot()
     levels = list(results)
-    xs = [int(exp["levels"][lv].get("partition_args", {}).get("domains_per_client", i + 1))
-          for i, lv in enumerate(levels)]
-    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=150)
-    for i, m in enumerate(exp["methods"]):
-        pts = [(x, 100 * np.asarray(results[lv][m]["final"])) for x, lv in zip(xs, levels, strict=True)
-               if m in results[lv]]
-        if not pts:
-            continue
-        x = np.array([p[0] for p in pts]) + 0.04 * (i - (len(exp["methods"]) - 1) / 2)  # dodge
-        mean = np.array([p[1].mean() for p in pts])
-        std = np.array([p[1].std(ddof=1) if p[1].size > 1 else 0.0 for p in pts])
-        ax.errorbar(x, mean, yerr=std, marker="os^D"[i % 4], capsize=3, linewidth=1.5,
-                    color=f"C{i}", label=m)
-    ax.set_xticks(xs)
-    ax.set_xlabel("domains mixed inside each client (intra-client heterogeneity)")
-    ax.set_ylabel("server test accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.6), dpi=150,
+                             sharey=True, squeeze=False)
+    for ax, lv in zip(axes[0], levels, strict=True):
+        for i, m in enumerate(methods):
+            if m not in results[lv]:
+                continue
+            cell = results[lv][m]
+            x = np.asarray(cell["rounds"])
+            ys = np.asarray(cell["curves"]) * 100
+            mean = ys.mean(axis=0)
+            ax.plot(x, mean, color=f"C{i}", linewidth=1.5, label=m)
+            if len(ys) > 1:
+                std = ys.std(axis=0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.15, linewidth=0)
+        ax.set_title(lv, fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("server test accuracy (%)")
+    axes[0][-1].legend(frameon=False, fontsize=8, loc="lower right")
     fig.tight_layout()
-    save_figure(fig, path)
+    grid.save_png(fig, path)
     plt.close(fig)
 
 
 def plot_slots(results: Mapping[str, Any], path: Path, method: str = "fedins") -> bool:
     """Heatmap per level: share of each domain's test samples selecting each slot (first seed)."""
-    from simulations.plot import save_figure
-
     plt = grid.pyplot()
-    levels = [lv for lv, c in results.items() if method in c and c[method]["slot_histogram"]]
+    levels = [lv for lv, c in results.items() if c.get(method, {}).get("routing")]
     if not levels:
         return False
-    fig, axes = plt.subplots(1, len(levels), figsize=(4.0 * len(levels), 2.6), dpi=150,
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 2.8), dpi=150,
                              squeeze=False)
+    im = None
     for ax, lv in zip(axes[0], levels, strict=True):
-        hist = np.asarray(results[lv][method]["slot_histogram"][0])
+        hist = np.asarray(results[lv][method]["routing"][0]["slot_histogram"])
         im = ax.imshow(hist, aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"{lv} (seed {results[lv][method]['seeds'][0]})", fontsize=9)
         ax.set_xlabel("slot")
-        ax.set_xticks(range(hist.shape[1]))
         ax.set_yticks(range(hist.shape[0]))
         ax.set_ylabel("domain")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="share selecting the slot")
-    save_figure(fig, path)
+    grid.save_png(fig, path)
     plt.close(fig)
     return True
 
@@ -413,45 +753,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulations.experiments.fedins", __doc__, DEFAULT_CONFIG,
         docs_help="docs page to update (default docs/fedins.md; none with --quick)",
         figures_help="figure folder (default docs/figures; --out with --quick)")
-    parser.add_argument("--sweep", action="store_true", help="run the learning-rate sweep only")
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.config, quick=args.quick)
         out, docs, figures = grid.output_paths(args, "runs/fedins_mnist1d", Path("docs/fedins.md"),
                                                Path("docs/figures"))
-        jobs = make_sweep_jobs(exp, out) if args.sweep else make_jobs(exp, out)
+        tune_jobs = make_tune_jobs(exp, out)
+        make_jobs(exp, out)  # every table cell validated before anything runs
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    echo = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    if tune_jobs and not args.report_only:
+        echo(f"tuning: {len(tune_jobs)} runs → {out / 'tune'}")
+        run_all(tune_jobs, workers=args.workers, fresh=args.fresh, echo=echo)
+    try:
+        tuned = collect_tuning(exp, tune_jobs) if tune_jobs else {}
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    jobs = make_jobs(exp, out, chosen_values(tuned) if tuned else None)
     if not args.report_only:
-        print(f"{len(jobs)} runs → {out}", flush=True)
-        run_all(jobs, workers=args.workers, fresh=args.fresh, echo=lambda s: print(s, flush=True))
-    wall = time.perf_counter() - t0 if not args.report_only else None
-    results = collect(jobs)
+        echo(f"table: {len(jobs)} runs ({len(exp['levels'])} levels × {len(exp['methods'])} "
+             f"methods × {len(exp['seeds'])} seeds) → {out}")
+        run_all(jobs, workers=args.workers, fresh=args.fresh, echo=echo)
+    results = collect(exp, jobs)
     if not results:
         print("error: no finished runs to report", file=sys.stderr)
         return 1
+    n_tune, tune_secs = tuning_walls(tune_jobs)
+    walls = {"table_runs": sum(sum(c["wall_seconds"]) for cells in results.values()
+                               for c in cells.values()),
+             "tuning_runs": tune_secs, "tuning_count": n_tune}
+    if not args.report_only:
+        walls["invocation"] = time.perf_counter() - t0
+    style = (exp["base"].get("dataset_args") or {}).get("domain_style", "drift")
+    query = {s: query_separability(exp["base"], s)
+             for s in dict.fromkeys([style, *exp["query_check"]])}
+    params = backbone_parameters(exp["base"])
+    missing = missing_cells(jobs)
     from simulations.results import atomic_write_text
 
-    name = "sweep.json" if args.sweep else "results.json"
-    atomic_write_text(out / name, json.dumps({"config": exp, "results": results}, indent=1))
-    if args.sweep:
-        text = sweep_report(exp, results, out)
-        print(text)
-        if docs is not None:
-            grid.write_section(docs, text, SWEEP_MARK)
-            print(f"wrote {docs}")
-        return 0
-    text = report(exp, results, wall)
-    print(text)
+    atomic_write_text(out / "results.json", json.dumps(
+        {"config": exp, "tuning": tuned, "chosen": chosen_values(tuned) if tuned else {},
+         "results": results, "missing": missing, "query_separability": query,
+         "backbone_parameters": params, "wall_seconds": walls}, indent=1))
+    head = claims_report(exp, results, missing, params)
+    text = report(exp, results, tuned, walls, missing, query, params)
+    print(head + "\n\n" + text)
     figures.mkdir(parents=True, exist_ok=True)
-    plot_accuracy(exp, results, figures / "fedins_accuracy.png")
+    plot_convergence(results, list(exp["methods"]), figures / "fedins_convergence.png")
     plot_slots(results, figures / "fedins_slots.png")
     if docs is not None:
+        grid.write_section(docs, head, CLAIMS_MARK)
         grid.write_section(docs, text, MARK)
-        print(f"wrote {docs}")
-    print(f"figures in {figures}; results in {out / name}")
+        echo(f"wrote {docs}")
+    echo(f"figures in {figures}; results in {out / 'results.json'}")
     return 0
 
 

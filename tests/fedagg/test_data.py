@@ -109,6 +109,37 @@ def test_domain_partition_needs_domains() -> None:
         domain_partition(LABELS, 4, np.random.default_rng(0), groups=None)
 
 
+@pytest.mark.parametrize(("style", "maps"), [
+    # domain: (sign·gain, offset) — sensor: gain bit 0, offset (0, 1.5, −1.5, 3) from bits 1–2
+    ("sensor", [(1.0, 0.0), (2.5, 0.0), (1.0, 1.5), (2.5, 1.5), (1.0, -1.5), (2.5, -1.5),
+                (1.0, 3.0), (2.5, 3.0)]),
+    # sensor-polarity: gain bit 0, offset 1.5 bit 1, sign flip bit 2
+    ("sensor-polarity", [(1.0, 0.0), (2.5, 0.0), (1.0, 1.5), (2.5, 1.5), (-1.0, 0.0),
+                         (-2.5, 0.0), (-1.0, 1.5), (-2.5, 1.5)]),
+])
+def test_sensor_domains_are_exact_affine_maps_of_clean_mnist1d(style, maps) -> None:
+    from fedagg.data.datasets import _generate_mnist1d
+
+    c = load_central("mnist1d", num_samples=800, domains=8, domain_style=style)
+    for d, (a, b) in enumerate(maps):
+        # the domain's own clean draw (generator seed data_seed + 1000·d, canonical settings)
+        raw = _generate_mnist1d(100, 42 + 1000 * d, corr_noise_scale=0.25, max_translation=48)
+        np.testing.assert_allclose(c.train.x[c.train.domain == d], a * raw["x"] + b, atol=1e-5)
+        np.testing.assert_allclose(c.test.x[c.test.domain == d], a * raw["x_test"] + b, atol=1e-5)
+    # domain 0 is the drift style's domain 0 (canonical), sample for sample
+    drift = load_central("mnist1d", num_samples=800, domains=8)
+    np.testing.assert_array_equal(c.train.x[c.train.domain == 0], drift.train.x[drift.train.domain == 0])
+
+
+def test_sensor_style_has_at_most_eight_domains() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_central("mnist1d", num_samples=900, domains=9, domain_style="sensor")
+    assert exc.value.field == "dataset_args.domains"
+    with pytest.raises(ConfigError) as exc:
+        load_central("mnist1d", num_samples=900, domains=2, domain_style="camera")
+    assert "domain_style" in exc.value.field
+
+
 def test_synthetic_natural_partition_has_one_client_per_user() -> None:
     fd = load_federated("synthetic", 30, 0, partition="natural")
     assert fd.num_clients == 30 and fd.input_shape == (60,)
