@@ -41,12 +41,13 @@ import yaml
 
 from fedagg.errors import ConfigError
 from simulations.experiments import grid
+from simulations.experiments import tuning as tuning_lib
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedau_mnist1d.yaml"
 MARK = "fedau:results"
 CLAIMS_MARK = "fedau:claims"
 #: Keys a method's ``tune`` grid may name.
-TUNABLE = ("lr", "server_lr")
+TUNABLE = tuning_lib.TUNABLE
 #: The plateau check compares the headline with the same window this many rounds earlier.
 PLATEAU_GAP = 500
 #: "Within a couple of points" of the known-p oracle, in accuracy points.
@@ -81,8 +82,8 @@ def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> d
 
 
 def _check_tune(method: str, over: Mapping[str, Any]) -> tuple[str, list[float]]:
-    """``(key, values)`` of a method's ``tune`` grid (:func:`grid.check_tune`)."""
-    return grid.check_tune(f"methods.{method}.tune", over, TUNABLE)
+    """``(key, values)`` of a method's ``tune`` grid (:func:`~simulations.experiments.tuning.check_tune`)."""
+    return tuning_lib.check_tune(f"methods.{method}.tune", over, TUNABLE)
 
 
 def _check_tuning(spec: Any, exp: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,21 +112,11 @@ def _check_tuning(spec: Any, exp: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_last_rounds(exp: Mapping[str, Any]) -> None:
     """The headline averages the last ``last_rounds`` rounds: the table's and the tuning's runs
-    must evaluate each of them (``eval_every`` 1, or ``eval_last`` >= ``last_rounds``)."""
-    from simulations.config import RunConfig
-
-    last = exp["last_rounds"]
+    must evaluate each of them (:func:`~simulations.experiments.tuning.check_last_rounds`)."""
     lengths = {"base.rounds": exp["base"].get("rounds", 20)}
     if exp.get("tuning"):
         lengths["tuning.rounds"] = exp["tuning"]["rounds"]
-    for where, rounds in lengths.items():
-        if last > rounds:
-            raise ConfigError("last_rounds", f"{last} is more than {where}={rounds}")
-        cfg = RunConfig.model_validate({**exp["base"], "rounds": rounds, "out": None})
-        if not all(cfg.evaluates(r) for r in range(rounds - last + 1, rounds + 1)):
-            raise ConfigError("last_rounds", f"the last {last} rounds are not all evaluated "
-                              f"(base.eval_every={cfg.eval_every}, base.eval_last="
-                              f"{cfg.eval_last}); set base.eval_last >= {last}")
+    tuning_lib.check_last_rounds(exp["last_rounds"], exp["base"], lengths)
 
 
 def tune_grid(exp: Mapping[str, Any], method: str) -> tuple[str, list[float]] | None:
@@ -249,22 +240,11 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
 
 
 # ------------------------------------------------------------------------------ results
-late_mean = grid.late_mean
+late_mean = tuning_lib.late_mean
 
 
-def diverged(run_dir: Path) -> bool:
-    """Whether the run's final global model (``model.safetensors``) has a non-finite parameter."""
-    from simulations.results import load_arrays
-
-    return not all(np.isfinite(a).all() for a in load_arrays(run_dir / "model.safetensors").values())
-
-
-def collapsed(acc: np.ndarray, headline: float, run_dir: Path) -> bool:
-    """Whether a run broke down: its headline is below half of its best evaluated accuracy
-    (``acc``: every evaluation), or its final model is not finite (:func:`diverged`). The
-    runner rejects non-finite and absurd updates, so a run that blows up usually ends as a
-    finite model stuck near chance rather than as NaN."""
-    return bool(headline < 0.5 * float(np.max(acc))) or diverged(run_dir)
+diverged = tuning_lib.diverged
+collapsed = tuning_lib.collapsed
 
 
 def mean_participants(run_dir: Path) -> float:

@@ -113,28 +113,6 @@ class GridJob:
         raise NotImplementedError
 
 
-def check_tune(field: str, over: Mapping[str, Any], tunable: Sequence[str]) -> tuple[str, list[float]]:
-    """``(key, values)`` of a cell's ``tune`` grid ``over["tune"]`` (``{key: [values]}``, ``key``
-    one of ``tunable``, at least two distinct positive values, ``key`` not also set by the cell);
-    ConfigError naming ``field`` otherwise."""
-    spec = over["tune"]
-    if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise ConfigError(field, f"one key to tune, one of {', '.join(tunable)}, with its values")
-    key, values = next(iter(spec.items()))
-    if key not in tunable:
-        raise ConfigError(f"{field}.{key}", f"cannot be tuned; allowed: {', '.join(tunable)}")
-    if key in over:
-        raise ConfigError(f"{field}.{key}", f"the cell also sets {key}, which tuning replaces; "
-                          "drop one of them")
-    ok = isinstance(values, list) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        for v in values)
-    if not ok or len(values) < 2 or len(set(values)) != len(values):
-        raise ConfigError(f"{field}.{key}", "a list of at least two distinct positive numbers "
-                          f"(got {values!r}); one value tunes nothing, set {key} directly")
-    return key, [float(v) for v in values]
-
-
 # ------------------------------------------------------------------------------ running
 def finished(run_dir: Path, failed: bool = False) -> bool:
     """Whether the run in ``run_dir`` is done: it wrote ``summary.json`` or, with ``failed``,
@@ -308,9 +286,8 @@ def run_all(jobs: Sequence[GridJob], run_job: Callable[[Any, bool], dict[str, An
         for i, job in enumerate(todo, 1):
             record(i, job, lambda job=job: run_job(job, job.name in redo))
         return done
-    import multiprocessing as mp
-
     import functools
+    import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                              initializer=functools.partial(_pool_worker, initializer)) as pool:
@@ -337,14 +314,6 @@ def train_rows(run_dir: Path) -> list[dict[str, Any]]:
     from simulations.results import read_metrics
 
     return [r for r in read_metrics(run_dir) if r.get("phase") == "train"]
-
-
-def late_mean(rounds: np.ndarray, acc: np.ndarray, last: int, end: float | None = None) -> float:
-    """Mean of the evaluated accuracies in the ``last`` rounds up to round ``end`` (default the
-    last round): rounds ``end − last < r ≤ end``; NaN if none was evaluated there."""
-    end = float(rounds[-1]) if end is None else end
-    sel = (rounds > end - last) & (rounds <= end)
-    return float(np.mean(acc[sel])) if sel.any() else float("nan")
 
 
 def pm(values: Sequence[float], scale: float = 100.0) -> str:

@@ -34,12 +34,13 @@ import numpy as np
 
 from fedagg.errors import ConfigError
 from simulations.experiments import grid
+from simulations.experiments import tuning as tuning_lib
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust_mnist1d.yaml"
 MARK = "robust:results"
 CLAIMS_MARK = "robust:claims"
 #: Keys an aggregator's ``tune`` grid may name.
-TUNABLE = ("lr", "server_lr")
+TUNABLE = tuning_lib.TUNABLE
 #: The plateau check compares the headline with the same window this many rounds earlier.
 PLATEAU_GAP = 100
 #: The paper's attack and the baselines its claim names (FA "consistently outperforms" them).
@@ -85,7 +86,7 @@ def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> d
 def tune_grid(exp: Mapping[str, Any], agg: str) -> tuple[str, list[float]] | None:
     """``(key, values)`` of the aggregator's ``tune`` grid, or None."""
     over = exp["aggregators"][agg]
-    return grid.check_tune(f"aggregators.{agg}.tune", over, TUNABLE) if "tune" in over else None
+    return tuning_lib.check_tune(f"aggregators.{agg}.tune", over, TUNABLE) if "tune" in over else None
 
 
 def _check_tuning(spec: Any, exp: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,18 +109,10 @@ def _check_tuning(spec: Any, exp: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_last_rounds(exp: Mapping[str, Any]) -> None:
-    """The headline averages the last ``last_rounds`` rounds: every run must evaluate each of
-    them (``eval_every`` 1, or ``eval_last`` >= ``last_rounds``)."""
-    from simulations.config import RunConfig
-
-    last, rounds = exp["last_rounds"], exp["base"].get("rounds", 20)
-    if last > rounds:
-        raise ConfigError("last_rounds", f"{last} is more than base.rounds={rounds}")
-    cfg = RunConfig.model_validate({**exp["base"], "out": None})
-    if not all(cfg.evaluates(r) for r in range(rounds - last + 1, rounds + 1)):
-        raise ConfigError("last_rounds", f"the last {last} rounds are not all evaluated "
-                          f"(base.eval_every={cfg.eval_every}, base.eval_last={cfg.eval_last}); "
-                          f"set base.eval_last >= {last}")
+    """Every run must evaluate each of the last ``last_rounds`` rounds
+    (:func:`~simulations.experiments.tuning.check_last_rounds`)."""
+    tuning_lib.check_last_rounds(exp["last_rounds"], exp["base"],
+                                 {"base.rounds": exp["base"].get("rounds", 20)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,9 +283,9 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
                              "infeasible": [], "wall_seconds": [], "stopped": []})
         cell["stopped"].append(int(stopped))
         cell["seeds"].append(job.seed)
-        cell["headline"].append(grid.late_mean(rounds, acc, last))
+        cell["headline"].append(tuning_lib.late_mean(rounds, acc, last))
         cell["final"].append(float(acc[-1]))
-        cell["earlier"].append(grid.late_mean(rounds, acc, last, float(rounds[-1]) - PLATEAU_GAP))
+        cell["earlier"].append(tuning_lib.late_mean(rounds, acc, last, float(rounds[-1]) - PLATEAU_GAP))
         cell["curves"].append(acc.tolist())
         cell["rejected"].append(_column_total(job.run_dir, "rejected"))
         cell["infeasible"].append(_column_total(job.run_dir, "infeasible"))
@@ -313,7 +306,7 @@ def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any
         score = float("nan")
         if (job.run_dir / grid.SUMMARY).is_file():
             rounds, acc = grid.run_curve(job.run_dir)
-            score = grid.late_mean(rounds, acc, exp["last_rounds"])
+            score = tuning_lib.late_mean(rounds, acc, exp["last_rounds"])
         cell = out.setdefault(job.aggregator, {"key": job.key, "values": [], "scores": []})
         cell["values"].append(job.value)
         cell["scores"].append(score)
@@ -514,8 +507,9 @@ def paired_gap(results: Mapping[str, Any], f: int, attack: str, a: str, b: str) 
     cb = results.get(str(f), {}).get(attack, {}).get(b)
     if not ca or not cb:
         return None
-    hb = dict(zip(cb["seeds"], cb["headline"]))
-    common = [(h, hb[s]) for s, h in zip(ca["seeds"], ca["headline"]) if s in hb]
+    hb = dict(zip(cb["seeds"], cb["headline"], strict=True))
+    common = [(h, hb[s]) for s, h in zip(ca["seeds"], ca["headline"], strict=True)
+              if s in hb]
     return np.array([x - y for x, y in common]) if common else None
 
 
@@ -532,8 +526,7 @@ def verdict(gaps: np.ndarray) -> str:
 def _gap_text(gaps: np.ndarray | None) -> str:
     if gaps is None or not len(gaps):
         return "–"
-    std = float(np.std(gaps, ddof=1)) if len(gaps) > 1 else 0.0
-    return f"{100 * gaps.mean():+.1f} ± {100 * std:.1f} ({verdict(gaps)})"
+    return f"{tuning_lib.gap_text(100 * gaps)} ({verdict(gaps)})"
 
 
 def claims_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], target: str = "flag",
@@ -546,7 +539,7 @@ def claims_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], target: 
     seeds = sorted({s for f in fs for s in exp["seeds_by_f"].get(f, exp["seeds"])})
     last, rounds = exp["last_rounds"], exp["base"].get("rounds")
     lines = [
-        f"**Claim** (Almasi et al., ICLR 2024): the Flag Aggregator (FA) \"consistently outperforms\" "
+        "**Claim** (Almasi et al., ICLR 2024): the Flag Aggregator (FA) \"consistently outperforms\" "
         "Multi-Krum, Bulyan, median, trimmed mean, MeaMed and Phocas, across f and batch sizes "
         "(CIFAR-10, ResNet-18/50, parameter-server SGD, `random` attackers).",
         "",
@@ -576,7 +569,7 @@ def tuning_markdown(tuning: Mapping[str, Any], exp: Mapping[str, Any]) -> str:
              f"f = {t['f']}; score = the headline metric): ", ""]
     for agg, c in tuning.items():
         scores = ", ".join(f"{v:g}: {'–' if math.isnan(sc) else f'{100 * sc:.1f}'}"
-                           for v, sc in zip(c["values"], c["scores"]))
+                           for v, sc in zip(c["values"], c["scores"], strict=True))
         edge = " (edge of the grid)" if c.get("edge") else ""
         lines.append(f"- {agg}: {c['key']} **{c['chosen']:g}**{edge} ({scores})")
     return "\n".join(lines)
@@ -587,7 +580,7 @@ def plateau_markdown(results: Mapping[str, Any]) -> str:
     moves = []
     for f_cells in results.values():
         for a_cells in f_cells.values():
-            for agg, cell in a_cells.items():
+            for cell in a_cells.values():
                 d = np.asarray(cell["headline"]) - np.asarray(cell["earlier"])
                 if np.isfinite(d).all():
                     moves.append(float(np.mean(d)))

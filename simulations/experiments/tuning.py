@@ -9,8 +9,8 @@ the value with the best headline (:func:`late_mean`: the mean test accuracy over
 ``last_rounds`` rounds) is used for the table.
 
 These helpers take the axis name as an argument, so any driver can use them;
-:mod:`~simulations.experiments.fedins` does (:mod:`~simulations.experiments.fedau` has its own
-copies, for the pattern axis).
+:mod:`~simulations.experiments.fedins`, :mod:`~simulations.experiments.fedau` and
+:mod:`~simulations.experiments.robust` use them.
 """
 
 from __future__ import annotations
@@ -29,17 +29,19 @@ TUNABLE = ("lr", "server_lr")
 
 
 # ------------------------------------------------------------------------------ config
-def check_tune(method: str, over: Mapping[str, Any]) -> tuple[str, list[float]]:
-    """``(key, values)`` of a method's ``tune`` grid; ConfigError naming the field otherwise."""
-    field = f"methods.{method}.tune"
+def check_tune(field: str, over: Mapping[str, Any],
+               tunable: Sequence[str] = TUNABLE) -> tuple[str, list[float]]:
+    """``(key, values)`` of a cell's ``tune`` grid ``over["tune"]`` (``{key: [values]}``, ``key``
+    one of ``tunable``, at least two distinct positive values, ``key`` not also set by the cell);
+    ConfigError naming ``field`` (e.g. ``methods.fedau.tune``) otherwise."""
     spec = over["tune"]
     if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise ConfigError(field, f"one key to tune, one of {', '.join(TUNABLE)}, with its values")
+        raise ConfigError(field, f"one key to tune, one of {', '.join(tunable)}, with its values")
     key, values = next(iter(spec.items()))
-    if key not in TUNABLE:
-        raise ConfigError(f"{field}.{key}", f"cannot be tuned; allowed: {', '.join(TUNABLE)}")
+    if key not in tunable:
+        raise ConfigError(f"{field}.{key}", f"cannot be tuned; allowed: {', '.join(tunable)}")
     if key in over:
-        raise ConfigError(f"{field}.{key}", f"the method also sets {key}, which tuning replaces; "
+        raise ConfigError(f"{field}.{key}", f"the cell also sets {key}, which tuning replaces; "
                           "drop one of them")
     ok = isinstance(values, list) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
@@ -52,7 +54,7 @@ def check_tune(method: str, over: Mapping[str, Any]) -> tuple[str, list[float]]:
 
 def tune_grids(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[str, list[float]]]:
     """``{method: (key, values)}`` of every method with a ``tune`` grid (checked)."""
-    return {m: check_tune(m, over) for m, over in methods.items() if "tune" in over}
+    return {m: check_tune(f"methods.{m}.tune", over) for m, over in methods.items() if "tune" in over}
 
 
 def check_tuning(spec: Any, seeds: Sequence[int], rounds: int, axis: str,

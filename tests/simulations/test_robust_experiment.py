@@ -98,7 +98,7 @@ def test_quick_variant_tunes_then_runs_the_table(tmp_path):
     assert exp_robust.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     exp = exp_robust.load_experiment(quick=True)
-    for agg, cell in res["tuning"].items():
+    for cell in res["tuning"].values():
         assert cell["chosen"] == cell["values"][int(np.nanargmax(cell["scores"]))]
     assert set(res["tuning"]) == set(exp["aggregators"])
     for agg in exp["aggregators"]:  # the table ran with the tuned learning rate
