@@ -55,12 +55,19 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # ------------------------------------------------------------------------------ config
 def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
     """The experiment mapping, checked; ``quick`` applies the ``quick`` section (its ``base``
-    merges into ``base``, other keys replace). Optional keys: ``seeds_by_f``, ``last_rounds``
+    merges into ``base``, other keys replace). Optional keys: ``seeds_by_f``, ``attacks_by_f``
+    (``{f: [attack names]}``: a subset of the columns at that f), ``last_rounds``
     (default 1: the final accuracy) and ``tuning`` (``seed``, ``f``) with a ``tune`` grid
     (``{server_lr: [values]}`` or ``{lr: [...]}``) on aggregators."""
     exp = grid.load_grid(path, ("seeds", "f", "base", "attacks", "aggregators"),
-                         ("seeds_by_f", "tuning", "last_rounds"), quick=quick)
+                         ("seeds_by_f", "attacks_by_f", "tuning", "last_rounds"), quick=quick)
     exp["seeds_by_f"] = {int(k): [int(s) for s in v] for k, v in (exp.get("seeds_by_f") or {}).items()}
+    exp["attacks_by_f"] = {int(k): list(v) for k, v in (exp.get("attacks_by_f") or {}).items()}
+    for f, names in exp["attacks_by_f"].items():
+        bad = [a for a in names if a not in exp["attacks"]]
+        if bad or not names:
+            raise ConfigError(f"attacks_by_f.{f}", f"{bad or names!r}; allowed: a non-empty list of "
+                              + ", ".join(exp["attacks"]))
     if not exp["seeds"] or not exp["f"] or not exp["attacks"] or not exp["aggregators"]:
         raise ConfigError("seeds", "need at least one seed, f, attack and aggregator")
     if NO_ATTACK in exp["attacks"]:
@@ -185,8 +192,7 @@ def make_jobs(exp: Mapping[str, Any], out: Path,
     for f in exp["f"]:
         f = int(f)
         seeds = exp["seeds_by_f"].get(f, exp["seeds"])
-        attacks = [NO_ATTACK] if f == 0 else list(exp["attacks"])
-        for attack in attacks:
+        for attack in attacks_at(exp, f):
             for agg in exp["aggregators"]:
                 spec = tune_grid(exp, agg)
                 extra = {}
@@ -318,6 +324,13 @@ def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any
         cell["chosen"] = cell["values"][best]
         cell["edge"] = best in (0, len(scores) - 1)
     return out
+
+
+def attacks_at(exp: Mapping[str, Any], f: int) -> list[str]:
+    """The attacks run at ``f`` (``[NO_ATTACK]`` at f = 0)."""
+    if f == 0:
+        return [NO_ATTACK]
+    return list(exp["attacks_by_f"].get(f, exp["attacks"]))
 
 
 def cell_mean(results: Mapping[str, Any], f: int, attack: str, agg: str) -> float:
@@ -613,7 +626,9 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
         f"{base.get('lr')}, momentum {base.get('momentum')}){server}. Cells: test accuracy (%) "
         f"averaged over the last {exp['last_rounds']} rounds, mean ± std over seeds {seeds_max}; "
         f"{runs} runs, {wall_seconds / 60:.0f} minutes of run wall time in all (sum over runs, "
-        "2-core CPU, two runs at a time).",
+        "2-core CPU, two runs at a time)."
+        + "".join(f" At f = {f} only {', '.join(f'`{a}`' for a in names)} ran (CPU budget)."
+                  for f, names in sorted(exp["attacks_by_f"].items())),
         "",
         tuning_markdown(tuning or {}, exp),
         "",
