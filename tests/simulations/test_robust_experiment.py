@@ -22,6 +22,8 @@ def test_config_is_the_flag_papers_parameter_server_protocol():
     assert (base["server_momentum"], base["server_weight_decay"], base["server_lr_decay"]) == (
         0.9, 5e-4, 0.2)
     assert sorted(exp["f"]) == [0, 1, 2, 3] and len(exp["seeds"]) >= 3 and not exp["seeds_by_f"]
+    # every f runs the paper's attack; a worst case needs every attack at that f
+    assert all("random" in exp_robust.attacks_at(exp, f) for f in exp["f"] if f)
     assert {"random", "alie", "ipm", "signflip", "minmax"} <= set(exp["attacks"])
     assert {"flag", "multikrum", "bulyan", "median", "trimmed-mean", "meamed", "phocas",
             "geomedian", "centered-clipping"} <= set(exp["aggregators"])
@@ -38,7 +40,10 @@ def test_config_is_the_flag_papers_parameter_server_protocol():
     assert mk.config["strategy_args"]["f"] == exp["tuning"]["f"]  # the rule's tolerance
     jobs = exp_robust.make_jobs(exp, out, {a: 0.1 for a in exp["aggregators"]})
     n_aggs, n_seeds = len(exp["aggregators"]), len(exp["seeds"])
-    assert len(jobs) == n_aggs * n_seeds * (1 + 3 * len(exp["attacks"]))
+    per_cell = sum(len(exp_robust.attacks_at(exp, f)) for f in exp["f"])
+    assert exp_robust.attacks_at(exp, 1) == ["random"] and exp_robust.attacks_at(exp, 0) == ["none"]
+    assert per_cell == 1 + 1 + 2 * len(exp["attacks"])  # f = 0, f = 1 (random only), f = 2, 3
+    assert len(jobs) == n_aggs * n_seeds * per_cell
     assert {j.config["server_lr"] for j in jobs} == {0.1}
     assert len({j.run_dir for j in [*jobs, *tune]}) == len(jobs) + len(tune)
 
@@ -53,6 +58,7 @@ def test_config_is_the_flag_papers_parameter_server_protocol():
     (lambda e: e.pop("tuning"), "aggregators.bulyan.tune"),  # grid, no tuning (keys sorted)
     (lambda e: e["base"].pop("eval_last"), "last_rounds"),                    # not evaluated
     (lambda e: e.update(last_rounds=0), "last_rounds"),
+    (lambda e: e.update(attacks_by_f={1: ["nope"]}), "attacks_by_f.1"),
 ])
 def test_config_errors_name_the_field(edit, field, tmp_path):
     exp = yaml.safe_load(exp_robust.DEFAULT_CONFIG.read_text())
