@@ -35,7 +35,7 @@ from flwr.supercore import log
 
 from fedagg.errors import ConfigError
 from fedagg.rng import numpy_rng
-from strategies.arrays import Layout, metric_records, to_numpy, to_record
+from strategies.arrays import Layout, metric_records, to_numpy, to_record, to_views
 
 #: Updates with ``‖Δ‖ > ABSURD_UPDATE_RATIO · (‖global‖ + 1)`` are rejected whatever the strategy:
 #: no honest client moves a model a thousand times its own size in one round.
@@ -77,6 +77,49 @@ class _SelectedNodes(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
+class _RoundRows:
+    """One round's replies as rows of two ``(n, d)`` float64 matrices: the flat local models and
+    their deltas from the broadcast model. Screening fills them reply by reply; the aggregation
+    then reads the deltas without stacking ``n`` vectors again. Fresh every round (a rule may keep
+    views of the deltas it was given)."""
+
+    def __init__(self, n: int, layout: Layout, global_flat: np.ndarray | None) -> None:
+        self.layout, self.global_flat = layout, global_flat
+        self.flat = np.empty((n, layout.dim))
+        self.deltas: np.ndarray | None = None if global_flat is None else np.empty((n, layout.dim))
+        self.row: dict[int, int] = {}  # id(ArrayRecord) -> row
+        self.has_delta: set[int] = set()
+
+    def take(self, record: ArrayRecord) -> np.ndarray | None:
+        """A free row of ``flat`` for ``record`` (None when all are taken)."""
+        if len(self.row) >= len(self.flat):
+            return None
+        self.row[id(record)] = i = len(self.row)
+        return self.flat[i]
+
+    def delta(self, record: ArrayRecord, vector: np.ndarray) -> np.ndarray:
+        """``vector − global_flat`` (``vector``: ``record``'s flat model), kept in its row."""
+        i = self.row.get(id(record))
+        if self.deltas is None or i is None or vector.base is not self.flat:
+            return vector - self.global_flat  # type: ignore[operator]
+        np.subtract(vector, self.global_flat, out=self.deltas[i])
+        self.has_delta.add(i)
+        return self.deltas[i]
+
+    def take_deltas(self, records: list[ArrayRecord], global_flat: np.ndarray) -> np.ndarray | None:
+        """The ``(len(records), d)`` deltas of ``records`` (in order) if screening computed them all
+        against ``global_flat``, else None. Handed out once (the caller may write into them)."""
+        if self.deltas is None or global_flat is not self.global_flat:
+            return None
+        rows = [self.row.get(id(r), -1) for r in records]
+        if not rows or any(i not in self.has_delta for i in rows):
+            return None
+        deltas, self.deltas = self.deltas, None
+        if rows == list(range(len(rows))):
+            return deltas[: len(rows)]
+        return deltas[rows]
+
+
 @dataclasses.dataclass
 class ScreenReport:
     """Outcome of the validation step for one round."""
@@ -99,10 +142,12 @@ def _norm(v: np.ndarray) -> float:
 def update_problem(
     local: dict[str, np.ndarray], layout: Layout, global_flat: np.ndarray | None,
     max_update_norm: float | None, *, flat: Callable[[], np.ndarray] | None = None,
+    delta: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> str | None:
     """Why a client's local model is unusable (names/shapes, dtype, non-finite, norm), or None.
     ``flat()``: ``layout.flatten(local)`` from the caller's cache (called once names and shapes
-    are known to match)."""
+    are known to match); ``delta(vector)``: ``vector − global_flat``, where the caller wants it
+    kept (e.g. as a row of the round's delta matrix)."""
     why = layout.mismatch(local)
     if why is not None:
         return why
@@ -114,7 +159,7 @@ def update_problem(
         bad = next(n for n, a in local.items() if not np.all(np.isfinite(a)))
         return f"tensor {bad!r} contains NaN or Inf"
     if global_flat is not None:
-        norm = _norm(vector - global_flat)
+        norm = _norm(vector - global_flat if delta is None else delta(vector))
         if max_update_norm is not None and not norm <= max_update_norm:
             return f"update norm {norm:.3g} exceeds max_update_norm={max_update_norm:.3g}"
         limit = ABSURD_UPDATE_RATIO * (_norm(global_flat) + 1.0)
@@ -190,13 +235,20 @@ class FedaggStrategy:
         self.current_global: ArrayRecord | None = None
         self.last_report: ScreenReport | None = None
         self._decoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
+        self._views: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
         self._flat: dict[int, tuple[ArrayRecord, np.ndarray]] = {}
+        self._rows: _RoundRows | None = None
 
     def flat(self, record: ArrayRecord, layout: Layout) -> np.ndarray:
-        """``layout.flatten(self.decoded(record))`` (float64), computed once per round."""
+        """``layout.flatten(self.decoded(record))`` (float64), computed once per round; a reply
+        screened this round gets a row of the round's matrix (read it, do not write it)."""
         hit = self._flat.get(id(record))
         if hit is None or hit[0] is not record:
-            hit = (record, layout.flatten(self.decoded(record)))
+            rows = self._rows
+            out = None
+            if rows is not None and rows.layout == layout and record is not self.current_global:
+                out = rows.take(record)
+            hit = (record, layout.flatten(self.views(record), out=out))
             self._flat[id(record)] = hit
         return hit[1]
 
@@ -206,6 +258,15 @@ class FedaggStrategy:
         if hit is None or hit[0] is not record:
             hit = (record, to_numpy(record))
             self._decoded[id(record)] = hit
+        return hit[1]
+
+    def views(self, record: ArrayRecord) -> dict[str, np.ndarray]:
+        """:meth:`decoded` without the copies: read-only views of the record's bytes, once per
+        round (for checks that only read; :meth:`decoded` gives writable arrays)."""
+        hit = self._decoded.get(id(record)) or self._views.get(id(record))
+        if hit is None or hit[0] is not record:
+            hit = (record, to_views(record))
+            self._views[id(record)] = hit
         return hit[1]
 
     # ------------------------------------------------------------------ selection
@@ -221,7 +282,7 @@ class FedaggStrategy:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current_global = arrays
-        self._decoded, self._flat = {}, {}
+        self._decoded, self._views, self._flat, self._rows = {}, {}, {}, None
         selected = self.select_clients(server_round, grid)
         if not selected:
             log(INFO, "configure_train: no client available in round %d", server_round)
@@ -239,6 +300,7 @@ class FedaggStrategy:
         global_flat = None
         if layout is not None:
             global_flat = self.flat(self.current_global, layout)  # type: ignore[arg-type]
+            self._rows = _RoundRows(len(ordered), layout, global_flat)
         for msg in ordered:
             cid = reply_client_id(msg)
             if msg.has_error():
@@ -266,11 +328,15 @@ class FedaggStrategy:
         if layout is None:
             return None
         try:
-            local = self.decoded(record)
+            local = self.views(record)
         except Exception as exc:  # malformed bytes
             return f"unreadable arrays ({exc})"
+        rows = self._rows
+        delta = None
+        if rows is not None and global_flat is rows.global_flat:
+            delta = lambda vector: rows.delta(record, vector)  # noqa: E731
         return update_problem(local, layout, global_flat, self.max_update_norm,
-                              flat=lambda: self.flat(record, layout))
+                              flat=lambda: self.flat(record, layout), delta=delta)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -463,7 +529,10 @@ class DeltaStrategy(FedaggStrategy, FedAvg):
         assert self.current_global is not None, "configure_train must run before aggregate_train"
         layout = Layout.of(self.current_global)
         g = self.flat(self.current_global, layout)
-        deltas = np.stack([self.flat(m.content[self.arrayrecord_key], layout) for m in replies]) - g
+        records = [m.content[self.arrayrecord_key] for m in replies]
+        deltas = None if self._rows is None else self._rows.take_deltas(records, g)  # from screening
+        if deltas is None:
+            deltas = np.stack([self.flat(r, layout) for r in records]) - g  # type: ignore[arg-type]
         n_ex = np.array([reply_num_examples(m) for m in replies], dtype=np.float64)
         ids = [reply_client_id(m) for m in replies]
         agg = np.asarray(self.aggregate_deltas(server_round, deltas, n_ex, ids), dtype=np.float64)

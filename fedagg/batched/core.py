@@ -98,6 +98,11 @@ class BatchedResult:
         """Client ``i``'s state as numpy copies (float32), in order."""
         return {k: v[i].detach().cpu().numpy().copy() for k, v in self.states.items()}
 
+    def numpy(self) -> dict[str, np.ndarray]:
+        """``states`` as ``(k, *shape)`` numpy arrays (on the CPU), converted once for all clients:
+        client ``i``'s state is ``{name: a[i]}`` (views; copy before writing)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.states.items()}
+
 
 StepFn = Callable[
     [dict[str, torch.Tensor], torch.Tensor, "torch.Tensor | None", torch.Tensor],
