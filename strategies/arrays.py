@@ -34,8 +34,8 @@ def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
-    """``(dtype, shape)`` of a v1.0 C-order header; None leaves the array to ``np.load``."""
+def _parse_npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """``(dtype, shape, count)`` of a v1.0 C-order header; None leaves the array to ``np.load``."""
     try:
         meta = ast.literal_eval(header[10:].decode("latin1"))
         dtype = np.dtype(meta["descr"])
@@ -44,7 +44,7 @@ def _parse_npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
         return None
     if meta.get("fortran_order") is not False or dtype.hasobject:
         return None
-    return dtype, shape
+    return dtype, shape, int(np.prod(shape, dtype=np.int64))
 
 
 @functools.lru_cache(maxsize=256)
@@ -71,8 +71,7 @@ def _view(array: Array) -> np.ndarray | None:
         end = 10 + int.from_bytes(data[8:10], "little")
         meta = _parse_npy_header(bytes(data[:end]))
         if meta is not None:
-            dtype, shape = meta
-            count = int(np.prod(shape, dtype=np.int64))
+            dtype, shape, count = meta
             if len(data) - end == count * dtype.itemsize:
                 return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
     return None

@@ -403,12 +403,22 @@ def _result(model: nn.Module, jobs: Sequence[ClientJob], final: Mapping[str, tor
     for name, p in model.named_parameters(remove_duplicate=False):
         canonical[name] = first.setdefault(id(p), name)
     k = len(jobs)
+    everyone = sorted(order) == list(range(k))  # every client trained: no initial rows to keep
+    in_order = everyone and list(order) == list(range(k))
     states: dict[str, torch.Tensor] = {}
+    handed: set[int] = set()
     for key, value in federated_state(model).items():
-        out = value.detach().unsqueeze(0).repeat((k,) + (1,) * value.ndim)
         trained = final.get(canonical.get(key, key))
-        if trained is not None:
+        if trained is not None and in_order and id(trained) not in handed:
+            out = trained  # already every client's row, in job order (private to this call)
+            handed.add(id(trained))
+        elif trained is not None and everyone:
+            out = torch.empty_like(trained)
             out.index_copy_(0, torch.tensor(order, dtype=torch.int64, device=out.device), trained)
+        else:
+            out = value.detach().unsqueeze(0).repeat((k,) + (1,) * value.ndim)
+            if trained is not None:
+                out.index_copy_(0, torch.tensor(order, dtype=torch.int64, device=out.device), trained)
         states[key] = out
     return BatchedResult(states=states, losses=losses, metrics=[{} for _ in range(k)])
 
