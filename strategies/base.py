@@ -78,33 +78,28 @@ class _SelectedNodes(Grid):
 
 
 class _RoundRows:
-    """One round's replies as rows of two ``(n, d)`` float64 matrices: the flat local models and
-    their deltas from the broadcast model. Screening fills them reply by reply; the aggregation
-    then reads the deltas without stacking ``n`` vectors again. Fresh every round (a rule may keep
-    views of the deltas it was given)."""
+    """One round's screened replies as rows of an ``(n, d)`` float64 matrix of deltas from the
+    broadcast model. Screening flattens each reply into one scratch vector (reused, so it stays in
+    cache), checks it and writes its delta into the next row; the aggregation then reads the rows of
+    the accepted replies instead of flattening and stacking ``n`` vectors again. Fresh every round
+    (a rule may keep views of the deltas it was given)."""
 
-    def __init__(self, n: int, layout: Layout, global_flat: np.ndarray | None) -> None:
+    def __init__(self, n: int, layout: Layout, global_flat: np.ndarray) -> None:
         self.layout, self.global_flat = layout, global_flat
-        self.flat = np.empty((n, layout.dim))
-        self.deltas: np.ndarray | None = None if global_flat is None else np.empty((n, layout.dim))
-        self.row: dict[int, int] = {}  # id(ArrayRecord) -> row
-        self.has_delta: set[int] = set()
+        self.scratch = np.empty(layout.dim)
+        self.deltas: np.ndarray | None = np.empty((n, layout.dim))
+        self.row: dict[int, int] = {}  # id(ArrayRecord) -> row of its delta
 
-    def take(self, record: ArrayRecord) -> np.ndarray | None:
-        """A free row of ``flat`` for ``record`` (None when all are taken)."""
-        if len(self.row) >= len(self.flat):
-            return None
-        self.row[id(record)] = i = len(self.row)
-        return self.flat[i]
+    def flat(self, local: dict[str, np.ndarray]) -> np.ndarray:
+        """``layout.flatten(local)`` in the scratch vector (valid until the next call)."""
+        return self.layout.flatten(local, out=self.scratch)
 
     def delta(self, record: ArrayRecord, vector: np.ndarray) -> np.ndarray:
-        """``vector − global_flat`` (``vector``: ``record``'s flat model), kept in its row."""
-        i = self.row.get(id(record))
-        if self.deltas is None or i is None or vector.base is not self.flat:
-            return vector - self.global_flat  # type: ignore[operator]
-        np.subtract(vector, self.global_flat, out=self.deltas[i])
-        self.has_delta.add(i)
-        return self.deltas[i]
+        """``vector − global_flat`` (``vector``: ``record``'s flat model), kept in the next row."""
+        if self.deltas is None or len(self.row) >= len(self.deltas):
+            return vector - self.global_flat
+        self.row[id(record)] = i = len(self.row)
+        return np.subtract(vector, self.global_flat, out=self.deltas[i])
 
     def take_deltas(self, records: list[ArrayRecord], global_flat: np.ndarray) -> np.ndarray | None:
         """The ``(len(records), d)`` deltas of ``records`` (in order) if screening computed them all
@@ -112,7 +107,7 @@ class _RoundRows:
         if self.deltas is None or global_flat is not self.global_flat:
             return None
         rows = [self.row.get(id(r), -1) for r in records]
-        if not rows or any(i not in self.has_delta for i in rows):
+        if not rows or min(rows) < 0:
             return None
         deltas, self.deltas = self.deltas, None
         if rows == list(range(len(rows))):
@@ -240,15 +235,10 @@ class FedaggStrategy:
         self._rows: _RoundRows | None = None
 
     def flat(self, record: ArrayRecord, layout: Layout) -> np.ndarray:
-        """``layout.flatten(self.decoded(record))`` (float64), computed once per round; a reply
-        screened this round gets a row of the round's matrix (read it, do not write it)."""
+        """``layout.flatten(self.decoded(record))`` (float64), computed once per round."""
         hit = self._flat.get(id(record))
         if hit is None or hit[0] is not record:
-            rows = self._rows
-            out = None
-            if rows is not None and rows.layout == layout and record is not self.current_global:
-                out = rows.take(record)
-            hit = (record, layout.flatten(self.views(record), out=out))
+            hit = (record, layout.flatten(self.views(record)))
             self._flat[id(record)] = hit
         return hit[1]
 
@@ -332,11 +322,13 @@ class FedaggStrategy:
         except Exception as exc:  # malformed bytes
             return f"unreadable arrays ({exc})"
         rows = self._rows
-        delta = None
-        if rows is not None and global_flat is rows.global_flat:
-            delta = lambda vector: rows.delta(record, vector)  # noqa: E731
+        if rows is not None and global_flat is rows.global_flat and layout == rows.layout:
+            # the round's delta matrix (see _RoundRows): no flat vector kept per reply
+            return update_problem(local, layout, global_flat, self.max_update_norm,
+                                  flat=lambda: rows.flat(local),
+                                  delta=lambda vector: rows.delta(record, vector))
         return update_problem(local, layout, global_flat, self.max_update_norm,
-                              flat=lambda: self.flat(record, layout), delta=delta)
+                              flat=lambda: self.flat(record, layout))
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
