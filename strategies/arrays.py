@@ -47,20 +47,22 @@ def _parse_npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | 
     return dtype, shape, int(np.prod(shape, dtype=np.int64))
 
 
-@functools.lru_cache(maxsize=256)
-def _dtype_name(dtype: np.dtype) -> str:
-    return str(dtype)
+@functools.lru_cache(maxsize=4096)
+def _array_meta(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[str, bytes]:
+    """``(Flower dtype name, NPY header)`` of a C-ordered array of ``dtype`` and ``shape``."""
+    if dtype.hasobject:
+        raise TypeError("object arrays cannot travel in an ArrayRecord")
+    return str(dtype), npy_header(dtype.str, shape)
 
 
 def encode_array(array: np.ndarray) -> Array:
     """A Flower ``Array`` of ``array`` (C order), byte-identical to ``Array(array)``."""
     a = np.asarray(array, order="C")
-    if a.dtype.hasobject:
-        raise TypeError("object arrays cannot travel in an ArrayRecord")
-    shape = tuple(int(s) for s in a.shape)
+    shape = a.shape  # a tuple of ints
+    name, header = _array_meta(a.dtype, shape)
     out = Array.__new__(Array)  # the public 4-field constructor, minus its argument juggling
-    out.__dict__.update(dtype=_dtype_name(a.dtype), shape=shape, stype=_NUMPY_STYPE,
-                        data=b"".join((npy_header(a.dtype.str, shape), a.reshape(-1).view(np.uint8))))
+    out.__dict__.update(dtype=name, shape=shape, stype=_NUMPY_STYPE,
+                        data=b"".join((header, a.reshape(-1).view(np.uint8))))
     return out
 
 

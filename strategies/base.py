@@ -23,6 +23,7 @@ server optimiser on, a heavy-ball step on the aggregate (:class:`DeltaStrategy`,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -86,6 +87,7 @@ class _RoundRows:
 
     def __init__(self, n: int, layout: Layout, global_flat: np.ndarray) -> None:
         self.layout, self.global_flat = layout, global_flat
+        self.global_norm = _norm(global_flat)
         self.scratch = np.empty(layout.dim)
         self.deltas: np.ndarray | None = np.empty((n, layout.dim))
         self.row: dict[int, int] = {}  # id(ArrayRecord) -> row of its delta
@@ -137,17 +139,18 @@ def _norm(v: np.ndarray) -> float:
 def update_problem(
     local: dict[str, np.ndarray], layout: Layout, global_flat: np.ndarray | None,
     max_update_norm: float | None, *, flat: Callable[[], np.ndarray] | None = None,
-    delta: Callable[[np.ndarray], np.ndarray] | None = None,
+    delta: Callable[[np.ndarray], np.ndarray] | None = None, global_norm: float | None = None,
 ) -> str | None:
     """Why a client's local model is unusable (names/shapes, dtype, non-finite, norm), or None.
     ``flat()``: ``layout.flatten(local)`` from the caller's cache (called once names and shapes
     are known to match); ``delta(vector)``: ``vector − global_flat``, where the caller wants it
-    kept (e.g. as a row of the round's delta matrix)."""
+    kept (e.g. as a row of the round's delta matrix); ``global_norm``: ``‖global_flat‖`` if the
+    caller has it (one per round, not one per reply)."""
     why = layout.mismatch(local)
     if why is not None:
         return why
     for name, arr in local.items():
-        if not np.issubdtype(np.asarray(arr).dtype, np.floating):
+        if np.asarray(arr).dtype.kind != "f":  # numpy's floating types (np.issubdtype(…, np.floating))
             return f"tensor {name!r} has dtype {np.asarray(arr).dtype}, expected floating point"
     vector = layout.flatten(local) if flat is None else flat()
     if not np.isfinite(vector).all():
@@ -157,7 +160,7 @@ def update_problem(
         norm = _norm(vector - global_flat if delta is None else delta(vector))
         if max_update_norm is not None and not norm <= max_update_norm:
             return f"update norm {norm:.3g} exceeds max_update_norm={max_update_norm:.3g}"
-        limit = ABSURD_UPDATE_RATIO * (_norm(global_flat) + 1.0)
+        limit = ABSURD_UPDATE_RATIO * ((_norm(global_flat) if global_norm is None else global_norm) + 1.0)
         if not norm <= limit:
             return f"absurd update norm {norm:.3g} (> {ABSURD_UPDATE_RATIO:g} × (‖global‖ + 1))"
     return None
@@ -187,7 +190,7 @@ def mean_metrics(replies: Sequence[Message]) -> dict[str, float]:
                 if key in NON_METRIC_KEYS or isinstance(val, list):
                     continue
                 v = float(val)  # type: ignore[arg-type]
-                if np.isfinite(v):
+                if math.isfinite(v):
                     sums[key] = sums.get(key, 0.0) + w * v
                     weights[key] = weights.get(key, 0.0) + w
     return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
@@ -325,7 +328,7 @@ class FedaggStrategy:
         if rows is not None and global_flat is rows.global_flat and layout == rows.layout:
             # the round's delta matrix (see _RoundRows): no flat vector kept per reply
             return update_problem(local, layout, global_flat, self.max_update_norm,
-                                  flat=lambda: rows.flat(local),
+                                  flat=lambda: rows.flat(local), global_norm=rows.global_norm,
                                   delta=lambda vector: rows.delta(record, vector))
         return update_problem(local, layout, global_flat, self.max_update_norm,
                               flat=lambda: self.flat(record, layout))
