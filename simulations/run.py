@@ -24,8 +24,8 @@ if _OWN_PROCESS:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 import yaml  # noqa: E402
 
