@@ -32,7 +32,7 @@ from fedagg.registry import Registry
 from fedagg.rng import numpy_rng, torch_generator
 from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state, local_sgd, state_to_numpy
 from simulations.profiles import ProfileTable
-from strategies.arrays import config_record, to_numpy, to_record
+from strategies.arrays import config_record, metric_record, record_dict, to_numpy, to_record
 
 #: Client tasks: ``task(runtime, client_id, content, context) -> RecordDict`` (the reply content).
 TASKS: Registry[RecordDict] = Registry("client task")
@@ -220,6 +220,7 @@ class ClientRuntime:
         out: list[Message | Exception | None] = [None] * len(messages)
         jobs: list[ClientJob] = []
         where: list[int] = []
+        shared = None if self.config.get("profiles") else self.train_config(config)  # same for all
         for i, cid in enumerate(client_ids):
             try:
                 self.inject_faults(server_round, cid)
@@ -227,7 +228,7 @@ class ClientRuntime:
                 out[i] = exc
                 continue
             t = self.tensors(cid)
-            jobs.append(ClientJob(t.x, t.y, self.train_config(config, cid),
+            jobs.append(ClientJob(t.x, t.y, shared or self.train_config(config, cid),
                                   self.generator("local-train", server_round, cid)))
             where.append(i)
         if not jobs:
@@ -240,11 +241,13 @@ class ClientRuntime:
             for i in where:
                 out[i] = exc
             return out  # type: ignore[return-value]
+        stacked = result.numpy()  # (k, ...) arrays, converted once; client j's tensors are views
         for j, job in enumerate(jobs):
             i = where[j]
             metrics = {"num-examples": int(len(job.y)), "train_loss": float(result.losses[j]),
-                       "client-id": client_ids[i], **result.metrics[j]}
-            reply = RecordDict({"arrays": to_record(result.client(j)), "metrics": MetricRecord(metrics)})
+                       "client-id": int(client_ids[i]), **result.metrics[j]}
+            reply = record_dict({"arrays": to_record({k: v[j] for k, v in stacked.items()}),
+                                 "metrics": metric_record(metrics)})
             out[i] = Message(reply, reply_to=messages[i])
         return out  # type: ignore[return-value]
 

@@ -49,6 +49,18 @@ def payload_bytes(content: RecordDict) -> int:
     return int(sum(len(a.data) for rec in array_records(content).values() for a in rec.values()))
 
 
+def _payload(msg: Message, sizes: dict[int, int]) -> int:
+    """:func:`payload_bytes` of ``msg``'s content (0 for an error reply), cached in ``sizes`` by
+    content object (valid while the messages of one exchange are alive)."""
+    if not msg.has_content():
+        return 0
+    content = msg.content
+    size = sizes.get(id(content))
+    if size is None:
+        size = sizes[id(content)] = payload_bytes(content)
+    return size
+
+
 class EnvironmentGrid(Grid):
     """A Grid view that applies availability, Byzantine replacement and id translation."""
 
@@ -121,24 +133,27 @@ class EnvironmentGrid(Grid):
         broadcast = msgs[0].content if msgs else None
         is_train = bool(msgs) and msgs[0].metadata.message_type == MessageType.TRAIN
         replies = self._from_inner(self.inner.send_and_receive(self._to_inner(msgs), timeout=timeout))
+        sizes: dict[int, int] = {}  # id(content) -> payload bytes: a broadcast is counted once
         self.last_exchange = ExchangeStats(
             sent=len(msgs), replies=len(replies), errors=sum(m.has_error() for m in replies),
             timeouts=len(msgs) - len(replies),
-            bytes_down=sum(payload_bytes(m.content) for m in msgs),
-            bytes_up=sum(payload_bytes(m.content) for m in replies if m.has_content()),
+            bytes_down=sum(_payload(m, sizes) for m in msgs),
+            bytes_up=sum(_payload(m, sizes) for m in replies),
         )
         if is_train and self.clock is not None:
-            replies = self._apply_clock(msgs, replies)
+            replies = self._apply_clock(msgs, replies, sizes)
         if is_train and self._corrupt is not None:
             replies = self._corrupt(self.round, replies, broadcast)
         return replies
 
-    def _apply_clock(self, msgs: list[Message], replies: list[Message]) -> list[Message]:
+    def _apply_clock(self, msgs: list[Message], replies: list[Message],
+                     payloads: dict[int, int] | None = None) -> list[Message]:
         """Simulated round time; drop the replies of stragglers past the deadline."""
         assert self.clock is not None
-        down = {int(m.metadata.dst_node_id): payload_bytes(m.content) for m in msgs}
+        payloads = {} if payloads is None else payloads
+        down = {int(m.metadata.dst_node_id): _payload(m, payloads) for m in msgs}
         down = {self._client_of.get(n, n): b for n, b in down.items()}
-        sizes = {int(r.metadata.src_node_id): (down.get(int(r.metadata.src_node_id), 0), payload_bytes(r.content))
+        sizes = {int(r.metadata.src_node_id): (down.get(int(r.metadata.src_node_id), 0), _payload(r, payloads))
                  for r in replies if r.has_content()}
         timing = self.clock.settle(self.round, sizes)
         late = set(timing.stragglers)

@@ -11,16 +11,26 @@ naming the field; nothing is written to disk before the input is known to be val
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+import gc
 
-import yaml
+#: Run as ``python -m simulations.run``: no cyclic garbage collection while the process imports
+#: torch, Flower and the runner and sets the run up (hundreds of thousands of long-lived objects,
+#: several full collections of ~0.1 s each), then those objects are frozen out of later collections
+#: (:func:`main`). Only for the process itself: a caller of :func:`main` keeps its collector.
+_OWN_PROCESS = __name__ == "__main__"
+if _OWN_PROCESS:
+    gc.disable()
 
-from fedagg.errors import ConfigError
-from simulations.config import ENGINES
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
+
+import yaml  # noqa: E402
+
+from fedagg.errors import ConfigError  # noqa: E402
+from simulations.config import ENGINES  # noqa: E402
 
 #: (flag, config key, help). Values are parsed as YAML scalars and validated by the config schema.
 FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -212,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ConfigError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
+            finally:
+                _collect_again()
             return _run(sim, trackers)
         except KeyboardInterrupt as exc:
             signum = termination_signal(exc)
@@ -220,6 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      else "nothing was written")
             print(f"\n{what}: {where}", file=sys.stderr)
             return code
+
+
+def _collect_again() -> None:
+    """End of set-up in our own process: what exists now lives to the end of the run, so move it
+    out of the collector's generations (``gc.freeze``) and turn the collector back on."""
+    if _OWN_PROCESS and not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _run(sim: Any, trackers: Any) -> int:

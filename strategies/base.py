@@ -23,6 +23,7 @@ server optimiser on, a heavy-ball step on the aggregate (:class:`DeltaStrategy`,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -35,7 +36,7 @@ from flwr.supercore import log
 
 from fedagg.errors import ConfigError
 from fedagg.rng import numpy_rng
-from strategies.arrays import Layout, metric_records, to_numpy, to_record
+from strategies.arrays import Layout, metric_records, to_numpy, to_record, to_views
 
 #: Updates with ``‖Δ‖ > ABSURD_UPDATE_RATIO · (‖global‖ + 1)`` are rejected whatever the strategy:
 #: no honest client moves a model a thousand times its own size in one round.
@@ -77,6 +78,45 @@ class _SelectedNodes(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
+class _RoundRows:
+    """One round's screened replies as rows of an ``(n, d)`` float64 matrix of deltas from the
+    broadcast model. Screening flattens each reply into one scratch vector (reused, so it stays in
+    cache), checks it and writes its delta into the next row; the aggregation then reads the rows of
+    the accepted replies instead of flattening and stacking ``n`` vectors again. Fresh every round
+    (a rule may keep views of the deltas it was given)."""
+
+    def __init__(self, n: int, layout: Layout, global_flat: np.ndarray) -> None:
+        self.layout, self.global_flat = layout, global_flat
+        self.global_norm = _norm(global_flat)
+        self.scratch = np.empty(layout.dim)
+        self.deltas: np.ndarray | None = np.empty((n, layout.dim))
+        self.row: dict[int, int] = {}  # id(ArrayRecord) -> row of its delta
+
+    def flat(self, local: dict[str, np.ndarray]) -> np.ndarray:
+        """``layout.flatten(local)`` in the scratch vector (valid until the next call)."""
+        return self.layout.flatten(local, out=self.scratch)
+
+    def delta(self, record: ArrayRecord, vector: np.ndarray) -> np.ndarray:
+        """``vector − global_flat`` (``vector``: ``record``'s flat model), kept in the next row."""
+        if self.deltas is None or len(self.row) >= len(self.deltas):
+            return vector - self.global_flat
+        self.row[id(record)] = i = len(self.row)
+        return np.subtract(vector, self.global_flat, out=self.deltas[i])
+
+    def take_deltas(self, records: list[ArrayRecord], global_flat: np.ndarray) -> np.ndarray | None:
+        """The ``(len(records), d)`` deltas of ``records`` (in order) if screening computed them all
+        against ``global_flat``, else None. Handed out once (the caller may write into them)."""
+        if self.deltas is None or global_flat is not self.global_flat:
+            return None
+        rows = [self.row.get(id(r), -1) for r in records]
+        if not rows or min(rows) < 0:
+            return None
+        deltas, self.deltas = self.deltas, None
+        if rows == list(range(len(rows))):
+            return deltas[: len(rows)]
+        return deltas[rows]
+
+
 @dataclasses.dataclass
 class ScreenReport:
     """Outcome of the validation step for one round."""
@@ -99,25 +139,28 @@ def _norm(v: np.ndarray) -> float:
 def update_problem(
     local: dict[str, np.ndarray], layout: Layout, global_flat: np.ndarray | None,
     max_update_norm: float | None, *, flat: Callable[[], np.ndarray] | None = None,
+    delta: Callable[[np.ndarray], np.ndarray] | None = None, global_norm: float | None = None,
 ) -> str | None:
     """Why a client's local model is unusable (names/shapes, dtype, non-finite, norm), or None.
     ``flat()``: ``layout.flatten(local)`` from the caller's cache (called once names and shapes
-    are known to match)."""
+    are known to match); ``delta(vector)``: ``vector − global_flat``, where the caller wants it
+    kept (e.g. as a row of the round's delta matrix); ``global_norm``: ``‖global_flat‖`` if the
+    caller has it (one per round, not one per reply)."""
     why = layout.mismatch(local)
     if why is not None:
         return why
     for name, arr in local.items():
-        if not np.issubdtype(np.asarray(arr).dtype, np.floating):
+        if np.asarray(arr).dtype.kind != "f":  # numpy's floating types (np.issubdtype(…, np.floating))
             return f"tensor {name!r} has dtype {np.asarray(arr).dtype}, expected floating point"
     vector = layout.flatten(local) if flat is None else flat()
     if not np.isfinite(vector).all():
         bad = next(n for n, a in local.items() if not np.all(np.isfinite(a)))
         return f"tensor {bad!r} contains NaN or Inf"
     if global_flat is not None:
-        norm = _norm(vector - global_flat)
+        norm = _norm(vector - global_flat if delta is None else delta(vector))
         if max_update_norm is not None and not norm <= max_update_norm:
             return f"update norm {norm:.3g} exceeds max_update_norm={max_update_norm:.3g}"
-        limit = ABSURD_UPDATE_RATIO * (_norm(global_flat) + 1.0)
+        limit = ABSURD_UPDATE_RATIO * ((_norm(global_flat) if global_norm is None else global_norm) + 1.0)
         if not norm <= limit:
             return f"absurd update norm {norm:.3g} (> {ABSURD_UPDATE_RATIO:g} × (‖global‖ + 1))"
     return None
@@ -147,7 +190,7 @@ def mean_metrics(replies: Sequence[Message]) -> dict[str, float]:
                 if key in NON_METRIC_KEYS or isinstance(val, list):
                     continue
                 v = float(val)  # type: ignore[arg-type]
-                if np.isfinite(v):
+                if math.isfinite(v):
                     sums[key] = sums.get(key, 0.0) + w * v
                     weights[key] = weights.get(key, 0.0) + w
     return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
@@ -190,13 +233,15 @@ class FedaggStrategy:
         self.current_global: ArrayRecord | None = None
         self.last_report: ScreenReport | None = None
         self._decoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
+        self._views: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
         self._flat: dict[int, tuple[ArrayRecord, np.ndarray]] = {}
+        self._rows: _RoundRows | None = None
 
     def flat(self, record: ArrayRecord, layout: Layout) -> np.ndarray:
         """``layout.flatten(self.decoded(record))`` (float64), computed once per round."""
         hit = self._flat.get(id(record))
         if hit is None or hit[0] is not record:
-            hit = (record, layout.flatten(self.decoded(record)))
+            hit = (record, layout.flatten(self.views(record)))
             self._flat[id(record)] = hit
         return hit[1]
 
@@ -206,6 +251,15 @@ class FedaggStrategy:
         if hit is None or hit[0] is not record:
             hit = (record, to_numpy(record))
             self._decoded[id(record)] = hit
+        return hit[1]
+
+    def views(self, record: ArrayRecord) -> dict[str, np.ndarray]:
+        """:meth:`decoded` without the copies: read-only views of the record's bytes, once per
+        round (for checks that only read; :meth:`decoded` gives writable arrays)."""
+        hit = self._decoded.get(id(record)) or self._views.get(id(record))
+        if hit is None or hit[0] is not record:
+            hit = (record, to_views(record))
+            self._views[id(record)] = hit
         return hit[1]
 
     # ------------------------------------------------------------------ selection
@@ -221,7 +275,7 @@ class FedaggStrategy:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current_global = arrays
-        self._decoded, self._flat = {}, {}
+        self._decoded, self._views, self._flat, self._rows = {}, {}, {}, None
         selected = self.select_clients(server_round, grid)
         if not selected:
             log(INFO, "configure_train: no client available in round %d", server_round)
@@ -239,6 +293,7 @@ class FedaggStrategy:
         global_flat = None
         if layout is not None:
             global_flat = self.flat(self.current_global, layout)  # type: ignore[arg-type]
+            self._rows = _RoundRows(len(ordered), layout, global_flat)
         for msg in ordered:
             cid = reply_client_id(msg)
             if msg.has_error():
@@ -266,9 +321,15 @@ class FedaggStrategy:
         if layout is None:
             return None
         try:
-            local = self.decoded(record)
+            local = self.views(record)
         except Exception as exc:  # malformed bytes
             return f"unreadable arrays ({exc})"
+        rows = self._rows
+        if rows is not None and global_flat is rows.global_flat and layout == rows.layout:
+            # the round's delta matrix (see _RoundRows): no flat vector kept per reply
+            return update_problem(local, layout, global_flat, self.max_update_norm,
+                                  flat=lambda: rows.flat(local), global_norm=rows.global_norm,
+                                  delta=lambda vector: rows.delta(record, vector))
         return update_problem(local, layout, global_flat, self.max_update_norm,
                               flat=lambda: self.flat(record, layout))
 
@@ -463,7 +524,10 @@ class DeltaStrategy(FedaggStrategy, FedAvg):
         assert self.current_global is not None, "configure_train must run before aggregate_train"
         layout = Layout.of(self.current_global)
         g = self.flat(self.current_global, layout)
-        deltas = np.stack([self.flat(m.content[self.arrayrecord_key], layout) for m in replies]) - g
+        records = [m.content[self.arrayrecord_key] for m in replies]
+        deltas = None if self._rows is None else self._rows.take_deltas(records, g)  # from screening
+        if deltas is None:
+            deltas = np.stack([self.flat(r, layout) for r in records]) - g  # type: ignore[arg-type]
         n_ex = np.array([reply_num_examples(m) for m in replies], dtype=np.float64)
         ids = [reply_client_id(m) for m in replies]
         agg = np.asarray(self.aggregate_deltas(server_round, deltas, n_ex, ids), dtype=np.float64)

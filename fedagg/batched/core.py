@@ -98,6 +98,11 @@ class BatchedResult:
         """Client ``i``'s state as numpy copies (float32), in order."""
         return {k: v[i].detach().cpu().numpy().copy() for k, v in self.states.items()}
 
+    def numpy(self) -> dict[str, np.ndarray]:
+        """``states`` as ``(k, *shape)`` numpy arrays (on the CPU), converted once for all clients:
+        client ``i``'s state is ``{name: a[i]}`` (views; copy before writing)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.states.items()}
+
 
 StepFn = Callable[
     [dict[str, torch.Tensor], torch.Tensor, "torch.Tensor | None", torch.Tensor],
@@ -191,23 +196,30 @@ def _plan(jobs: Sequence[ClientJob], device: torch.device) -> BatchPlan | None:
     order = sorted(active, key=lambda i: -jobs[i].cfg.steps)
     steps = [jobs[i].cfg.steps for i in order]
     sizes = [min(len(jobs[i].y), jobs[i].cfg.batch_size) for i in order]
+    counts = [len(jobs[i].y) for i in order]
     horizon, width_b = steps[0], max(sizes)
-    rows = torch.empty(horizon, len(order), width_b, dtype=torch.int64)
-    valid = torch.zeros(horizon, len(order), width_b, dtype=torch.bool)
-    offset = 0
+    # A client whose data fits in one minibatch takes all its rows at every step and draws nothing
+    # (minibatches yields arange(n)): its block is built for all such clients at once. The others
+    # draw their permutations from their own generators, client by client.
+    offsets = np.cumsum([0] + counts[:-1], dtype=np.int64)
+    col = np.arange(width_b, dtype=np.int64)
+    n_col = np.asarray(sizes, dtype=np.int64)[:, None]  # (m, 1)
+    live = np.arange(horizon)[:, None, None] < np.asarray(steps)[None, :, None]  # (T, m, 1)
+    within = col[None, :] < n_col  # (m, B)
+    rows = np.broadcast_to(offsets[None, :, None] + np.where(within & live, col, 0), (horizon, len(order), width_b)).copy()
+    valid = np.broadcast_to(within[None] & live, rows.shape).copy()
     for slot, i in enumerate(order):
         job = jobs[i]
-        drawn = torch.stack(list(minibatches(len(job.y), job.cfg.batch_size, job.cfg.steps,
-                                             job.generator)))  # (steps_i, b_i)
-        rows[:, slot] = offset
-        rows[: drawn.shape[0], slot, : drawn.shape[1]] = drawn + offset
-        valid[: drawn.shape[0], slot, : drawn.shape[1]] = True
-        offset += len(job.y)
+        if counts[slot] <= job.cfg.batch_size:
+            continue
+        drawn = torch.stack(list(minibatches(counts[slot], job.cfg.batch_size, job.cfg.steps,
+                                             job.generator))).numpy()  # (steps_i, b_i)
+        rows[: drawn.shape[0], slot, : drawn.shape[1]] = drawn + offsets[slot]
     width = [sum(s > t for s in steps) for t in range(horizon)]
     padded = any(b != width_b for b in sizes)
     return BatchPlan(
-        order=order, steps=steps, width=width, rows=rows.to(device),
-        valid=valid.to(device) if padded else None,
+        order=order, steps=steps, width=width, rows=torch.from_numpy(rows).to(device),
+        valid=torch.from_numpy(valid).to(device) if padded else None,
         count=torch.tensor(sizes, dtype=torch.float32, device=device),
         x=torch.cat([jobs[i].x.to(device) for i in order]),
         y=torch.cat([jobs[i].y.to(device) for i in order]),
@@ -398,12 +410,22 @@ def _result(model: nn.Module, jobs: Sequence[ClientJob], final: Mapping[str, tor
     for name, p in model.named_parameters(remove_duplicate=False):
         canonical[name] = first.setdefault(id(p), name)
     k = len(jobs)
+    everyone = sorted(order) == list(range(k))  # every client trained: no initial rows to keep
+    in_order = everyone and list(order) == list(range(k))
     states: dict[str, torch.Tensor] = {}
+    handed: set[int] = set()
     for key, value in federated_state(model).items():
-        out = value.detach().unsqueeze(0).repeat((k,) + (1,) * value.ndim)
         trained = final.get(canonical.get(key, key))
-        if trained is not None:
+        if trained is not None and in_order and id(trained) not in handed:
+            out = trained  # already every client's row, in job order (private to this call)
+            handed.add(id(trained))
+        elif trained is not None and everyone:
+            out = torch.empty_like(trained)
             out.index_copy_(0, torch.tensor(order, dtype=torch.int64, device=out.device), trained)
+        else:
+            out = value.detach().unsqueeze(0).repeat((k,) + (1,) * value.ndim)
+            if trained is not None:
+                out.index_copy_(0, torch.tensor(order, dtype=torch.int64, device=out.device), trained)
         states[key] = out
     return BatchedResult(states=states, losses=losses, metrics=[{} for _ in range(k)])
 

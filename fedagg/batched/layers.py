@@ -11,7 +11,11 @@ gets ``None`` (the caller falls back to ``torch.func.vmap(functional_call)``).
 
 Per layer:
 
-- trainable ``Linear``: ``baddbmm`` of ``(k, B, in)`` with the stacked ``(k, out, in)`` weight;
+- trainable ``Linear``: ``baddbmm`` of ``(k, B, in)`` with the stacked ``(k, out, in)`` weight; the
+  weight gradient of a large layer is computed as ``Gᵀ · h`` so that it comes out contiguous
+  (:class:`_StackedLinear`): the update ``W −= η·∇W`` then runs ~7× faster than on autograd's
+  transposed view. The same sums in another GEMM orientation: equal to autograd's gradient to float32
+  rounding, and bit for bit at the default MLP's hidden shapes on the benchmark machine (MKL);
 - trainable ``Conv1d`` (``groups = 1``): im2col from ``K`` strided slices + ``baddbmm``, in a
   channels-last layout ``(k, B, L, C)``. One SGD step of CNN1D(32 channels, L = 40), batch 16, one
   BLAS thread (rough, shared 2-core machine): 0.21–0.35 ms per client at k = 5–20, against
@@ -108,6 +112,36 @@ def _params_of(module: nn.Module, prefix: str, trainable: set[str]) -> tuple[_Pa
     return weight, bias
 
 
+#: Trainable Linear weights with at least this many entries per client take :class:`_StackedLinear`
+#: (a contiguous weight gradient); on smaller ones the strided update costs next to nothing, and
+#: they keep autograd's own ``baddbmm`` backward.
+CONTIGUOUS_GRAD_MIN = 4096
+
+
+class _StackedLinear(torch.autograd.Function):
+    """``y = h · Wᵀ (+ bias)`` for stacked ``h`` ``(k, B, in)`` and ``W`` ``(k, out, in)`` (``bmm`` /
+    ``baddbmm``, as autograd would run it), whose weight gradient comes out contiguous like ``W``:
+    ``Gᵀ · h`` ``(k, out, in)``, where autograd's ``(hᵀ · G)ᵀ`` is a transposed view that makes the
+    SGD update ``W −= η·grad`` a strided loop several times slower. The input and bias gradients
+    are autograd's own (``G · W``; ``G``, reduced to the bias's shape by autograd)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, h: torch.Tensor, w: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(h, w)
+        wt = w.transpose(1, 2)  # (k, in, out)
+        return torch.bmm(h, wt) if bias is None else torch.baddbmm(bias, h, wt)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        h, w = ctx.saved_tensors  # type: ignore[attr-defined]
+        need = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_h = grad.bmm(w) if need[0] else None
+        grad_w = grad.transpose(1, 2).bmm(h) if need[1] else None
+        return grad_h, grad_w, grad if need[2] else None
+
+
 class _Linear(_Step):
     """``y_i = x_i W_iᵀ + b_i`` on ``flat`` ``(k·B, in)``; ``baddbmm`` when the weight is trainable."""
 
@@ -126,11 +160,13 @@ class _Linear(_Step):
                 y = (y.reshape(k, b, -1) + bias.unsqueeze(1)).reshape(k * b, -1)
             return y, "flat"
         h3 = h.reshape(k, b, h.shape[-1])
-        wt = w.transpose(1, 2)  # (k, in, out)
-        if bias is None:
-            y = torch.bmm(h3, wt)
+        if bias is not None and bias_stacked:
+            bias = bias.unsqueeze(1)
+        if w.shape[1] * w.shape[2] >= CONTIGUOUS_GRAD_MIN:
+            y = _StackedLinear.apply(h3, w, bias)
         else:
-            y = torch.baddbmm(bias.unsqueeze(1) if bias_stacked else bias, h3, wt)
+            wt = w.transpose(1, 2)  # (k, in, out)
+            y = torch.bmm(h3, wt) if bias is None else torch.baddbmm(bias, h3, wt)
         return y.reshape(k * b, -1), "flat"
 
 

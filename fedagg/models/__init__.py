@@ -49,10 +49,18 @@ def reset_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
+def to_empty(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """``model.to_empty(device=device)`` (uninitialised tensors of the same shapes and dtypes) for a
+    model built on the ``meta`` device, allocating each tensor with ``torch.empty`` (contiguous, as
+    meta-built tensors are) instead of ``torch.empty_like``: on meta tensors the latter runs torch's
+    Python reference kernels, whose first call imports sympy (0.3–0.5 s of a process's start-up)."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+
+
 def _materialise(make: Callable[[], nn.Module], generator: torch.Generator) -> nn.Module:
     with torch.device("meta"):
         model = make()
-    model = model.to_empty(device="cpu")
+    model = to_empty(model, "cpu")
     for buf_name, buf in list(model.named_buffers()):
         buf.zero_()  # no model here has meaningful buffers; keep them defined
         del buf_name

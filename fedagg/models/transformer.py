@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedagg.errors import ConfigError
+from fedagg.models import to_empty
 from fedagg.registry import Param
 
 __all__ = [
@@ -209,7 +210,7 @@ def build_transformer(
     """
     with torch.device("meta"):
         model = TransformerClassifier(input_dim, num_classes, dim, depth, heads, patch, mlp_ratio, pool)
-    model = model.to_empty(device="cpu")
+    model = to_empty(model, "cpu")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     init_transformer(model, generator)

@@ -226,3 +226,30 @@ def test_same_stack_is_bitwise_reproducible(name: str, one_thread: None) -> None
         runs.append([y, *torch.autograd.grad(F.cross_entropy(y.reshape(-1, 10), torch.zeros(7 * 16, dtype=torch.long)),
                                              list(params.values()))])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_large_linear_weights_get_contiguous_gradients() -> None:
+    """The hidden layers of the default MLP (128·40 and 64·128 entries per client) take the
+    contiguous weight gradient (the SGD update then reads it linearly); the 64·10 head keeps
+    autograd's transposed view. Values equal autograd's own backward of ``baddbmm``."""
+    model = _model("mlp", {})
+    names = [n for n, _ in model.named_parameters()]
+    params = _stacked(model, names, k=5, seed=3)
+    x = torch.randn(5, 16, 40, generator=torch.Generator().manual_seed(4))
+    f = stacked_forward(model, names)
+    assert f is not None
+    out = f(params, x)
+    grads = dict(zip(names, torch.autograd.grad(out.square().sum(), list(params.values())), strict=True))
+    assert grads["body.0.weight"].is_contiguous() and grads["body.2.weight"].is_contiguous()
+    assert not grads["head.weight"].is_contiguous()
+    # the same forward with autograd's baddbmm everywhere
+    h = x.reshape(80, 40)
+    for i, layer in enumerate(["body.0", "body.2", "head"]):
+        w, b = params[f"{layer}.weight"], params[f"{layer}.bias"]
+        h = torch.baddbmm(b.unsqueeze(1), h.reshape(5, 16, -1), w.transpose(1, 2)).reshape(80, -1)
+        h = F.relu(h) if i < 2 else h
+    ref = dict(zip(names, torch.autograd.grad(h.reshape(5, 16, -1).square().sum(), list(params.values())),
+                   strict=True))
+    assert torch.equal(out, h.reshape(5, 16, -1))
+    for n in names:
+        torch.testing.assert_close(grads[n], ref[n], **TOL)

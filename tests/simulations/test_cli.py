@@ -63,3 +63,32 @@ def test_bad_yaml_and_missing_config_file(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith("error: config")
     assert run_cli.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_garbage_collection_is_only_paused_in_the_cli_process(tmp_path) -> None:
+    """``python -m simulations.run`` imports and sets up with the collector off, then freezes what it
+    built and turns it back on; a caller of ``main()`` (a test, a notebook) keeps its collector as
+    it was: enabled, nothing frozen."""
+    import gc
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    frozen = gc.get_freeze_count()
+    argv = ["--rounds", "1", "--num-clients", "4", "--engine", "inline", "--out", str(tmp_path / "a"),
+            "--no-progress", "dataset_args.num_samples=400"]
+    assert run_cli.main(argv) == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    probe = ("import gc, runpy, sys; sys.argv = ['run'] + sys.argv[1:]; "
+             "import atexit; atexit.register(lambda: print('GC', gc.isenabled(), gc.get_freeze_count() > 0)); "
+             "runpy.run_module('simulations.run', run_name='__main__')")
+    argv[-3] = str(tmp_path / "b")
+    root = str(Path(run_cli.__file__).resolve().parents[1])  # this checkout's packages
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                         env=env, cwd=root, check=True).stdout
+    assert "GC True True" in out, out
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["rounds"] == 1

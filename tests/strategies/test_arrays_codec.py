@@ -55,3 +55,36 @@ def test_record_round_trip_keeps_order() -> None:
     assert list(back) == ["b", "a"]
     for k in arrays:
         np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_fast_records_equal_flowers_constructors() -> None:
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from strategies.arrays import metric_record, record_dict
+
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    rec = to_record(arrays)
+    ref = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    assert rec.is_dirty and list(rec) == ["w", "b"] and rec.object_id == ref.object_id
+    metrics = {"num-examples": 12, "train_loss": 0.25, "client-id": 3}
+    mine, theirs = metric_record(metrics), MetricRecord(metrics)
+    assert dict(mine) == dict(theirs) and mine.object_id == theirs.object_id
+    content = record_dict({"arrays": rec, "metrics": mine, "config": ConfigRecord({"lr": 0.1})})
+    flower = RecordDict({"arrays": ref, "metrics": theirs, "config": ConfigRecord({"lr": 0.1})})
+    assert content.object_id == flower.object_id
+    assert list(content.array_records) == ["arrays"] and list(content.metric_records) == ["metrics"]
+    # values Flower would refuse still go through (and fail in) Flower's own checks
+    with pytest.raises(TypeError):
+        metric_record({"flag": True})
+    with pytest.raises(TypeError):
+        record_dict({"x": {"not": "a record"}})  # type: ignore[dict-item]
+    assert metric_record({"x": np.float64(0.5)})["x"] == 0.5  # numpy scalars: the checked path
+
+
+def test_views_read_the_bytes_without_copying() -> None:
+    from strategies.arrays import to_views
+
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    views = to_views(to_record(arrays))
+    np.testing.assert_array_equal(views["w"], arrays["w"])
+    assert not views["w"].flags.writeable

@@ -96,3 +96,26 @@ def test_layout_roundtrip_preserves_dtypes() -> None:
     back = lay.unflatten(lay.flatten(arrays))
     assert lay.dim == 8 and back["a"].dtype == np.float32 and np.array_equal(back["a"], arrays["a"])
     assert lay.mismatch({"a": arrays["a"]}) is not None
+
+
+def test_screened_deltas_feed_the_aggregate_bit_for_bit() -> None:
+    """Screening keeps each accepted reply's delta as a row of one matrix and the aggregation reads
+    it; the aggregate equals stacking the flat replies again, bit for bit, with rejected and
+    failed replies in between."""
+    rng = np.random.default_rng(0)
+    g = {"w": rng.standard_normal((4, 5)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    locals_ = {c: {k: (v + rng.standard_normal(v.shape)).astype(np.float32) for k, v in g.items()}
+               for c in range(6)}
+    locals_[2]["w"][1, 1] = np.nan  # rejected
+    locals_[4] = None  # failed
+    s = strategies.build("fedavg", num_clients=6, server_lr=0.7)
+    arrays, metrics = run_round(s, 1, g, locals_, num_examples={c: c + 1 for c in range(6)})
+    assert metrics["clients"] == 4 and metrics["rejected"] == 1 and metrics["failures"] == 1
+    layout = Layout.of(g)
+    ok = [0, 1, 3, 5]
+    flat_g = layout.flatten(g)
+    deltas = np.stack([layout.flatten(locals_[c]) for c in ok]) - flat_g
+    w = np.array([c + 1.0 for c in ok])
+    expected = layout.unflatten(flat_g + 0.7 * ((w / w.sum()) @ deltas))
+    for k, v in to_numpy(arrays).items():
+        assert v.tobytes() == expected[k].tobytes()
