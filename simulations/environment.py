@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from simulations.simtime import SimClock
 from strategies.arrays import array_records
+from strategies.flower_compat import set_source_node
 
 #: ``available(round) -> client ids`` (sorted).
 AvailabilityFn = Callable[[int], Sequence[int]]
@@ -117,7 +118,7 @@ class EnvironmentGrid(Grid):
         out = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
-            msg.metadata.__dict__["_src_node_id"] = self._client_of.get(node, node)
+            set_source_node(msg, self._client_of.get(node, node))
             out.append(msg)
         return out
 

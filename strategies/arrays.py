@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from strategies.flower_compat import fill_record, new_array
+
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
 _NUMPY_STYPE = "numpy.ndarray"
 
@@ -60,10 +62,7 @@ def encode_array(array: np.ndarray) -> Array:
     a = np.asarray(array, order="C")
     shape = a.shape  # a tuple of ints
     name, header = _array_meta(a.dtype, shape)
-    out = Array.__new__(Array)  # the public 4-field constructor, minus its argument juggling
-    out.__dict__.update(dtype=name, shape=shape, stype=_NUMPY_STYPE,
-                        data=b"".join((header, a.reshape(-1).view(np.uint8))))
-    return out
+    return new_array(name, shape, _NUMPY_STYPE, b"".join((header, a.reshape(-1).view(np.uint8))))
 
 
 def _view(array: Array) -> np.ndarray | None:
@@ -119,24 +118,10 @@ def to_views(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: view_array(v) for k, v in record.items()}
 
 
-def _fill(record: ArrayRecord | MetricRecord | RecordDict, items: Mapping[str, object]) -> None:
-    """``record[k] = v`` for every item, skipping Flower's per-item checks: the caller guarantees
-    they pass (str keys; values of the record's type). Falls back to item assignment if Flower's
-    record no longer keeps its items in ``_data``."""
-    data = record.__dict__.get("_data")
-    if type(data) is dict and not data:
-        data.update(items)
-        if isinstance(record, ArrayRecord):
-            record.__dict__["_is_dirty"] = True  # as ArrayRecord.__setitem__ marks it
-        return
-    for k, v in items.items():
-        record[k] = v  # type: ignore[index, assignment]
-
-
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """An ArrayRecord holding ``arrays`` (order preserved)."""
     record = ArrayRecord()  # ArrayRecord(array_dict=...) would rebuild every Array
-    _fill(record, {str(k): encode_array(v) for k, v in arrays.items()})
+    fill_record(record, {str(k): encode_array(v) for k, v in arrays.items()})
     return record
 
 
@@ -145,7 +130,7 @@ def metric_record(metrics: Mapping[str, int | float]) -> MetricRecord:
     per-item checks; anything else goes through Flower's constructor (and its errors)."""
     if all(type(k) is str and (type(v) is float or type(v) is int) for k, v in metrics.items()):
         record = MetricRecord()
-        _fill(record, metrics)
+        fill_record(record, metrics)
         return record
     return MetricRecord(dict(metrics))
 
@@ -155,7 +140,7 @@ def record_dict(records: Mapping[str, ArrayRecord | MetricRecord | ConfigRecord]
     if all(type(k) is str and isinstance(v, (ArrayRecord, MetricRecord, ConfigRecord))
            for k, v in records.items()):
         out = RecordDict()
-        _fill(out, records)
+        fill_record(out, records)
         return out
     return RecordDict(dict(records))
 

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 
 from strategies.arrays import to_record
-from strategies.identity import ensure_task_identity
+from strategies.flower_compat import ensure_task_identity, set_message_id
 
 
 class FakeGrid(Grid):
@@ -74,7 +74,7 @@ def run_round(strategy: Any, server_round: int, global_arrays: Mapping[str, np.n
     msgs = list(strategy.configure_train(server_round, to_record(dict(global_arrays)),
                                          ConfigRecord(), FakeGrid(ids)))
     for i, m in enumerate(msgs):
-        m.metadata.__dict__["_message_id"] = f"fake-{server_round}-{i}"
+        set_message_id(m, f"fake-{server_round}-{i}")
     replies = [reply(m, local_models[int(m.metadata.dst_node_id)],
                      (num_examples or {}).get(int(m.metadata.dst_node_id), 1)) for m in msgs]
     return strategy.aggregate_train(server_round, replies)

@@ -40,3 +40,34 @@ def test_import_fedagg_aggregators_does_not_load_torch() -> None:
 def test_strategies_do_not_import_simulations() -> None:
     bad = {f: "simulations" for f, n in imported_packages("strategies").items() if "simulations" in n}
     assert bad == {}
+
+
+COMPAT = "strategies/flower_compat.py"
+
+
+def private_reaches(path: Path) -> list[str]:
+    """Where ``path`` reaches into an object's private fields: ``x.__dict__[...]``,
+    ``x.__dict__.get(...)`` or an assignment to ``x._name`` on something other than ``self``/``cls``."""
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr == "__dict__":
+            hits.append(f"{path.relative_to(ROOT)}:{node.lineno} __dict__")
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for t in targets:
+            if (isinstance(t, ast.Attribute) and t.attr.startswith("_") and not t.attr.startswith("__")
+                    and not (isinstance(t.value, ast.Name) and t.value.id in ("self", "cls"))):
+                hits.append(f"{path.relative_to(ROOT)}:{t.lineno} .{t.attr} =")
+    return hits
+
+
+def test_only_the_compat_module_touches_flowers_private_fields() -> None:
+    """Flower internals (message ids, source nodes, record fill, task identity) live in one
+    module, so the flwr pin can move by editing it (issue 16)."""
+    files = [p for pkg in ("strategies", "simulations") for p in sorted((ROOT / pkg).rglob("*.py"))]
+    hits = [h for p in files if str(p.relative_to(ROOT)) != COMPAT for h in private_reaches(p)]
+    assert not hits, hits
+    assert private_reaches(ROOT / COMPAT)  # the detector sees the compat module's own writes
+    supercore = {f for f, n in imported_packages("strategies").items() if "flwr" in n
+                 and "flwr.supercore.task_identity" in (ROOT / f).read_text()}
+    assert supercore == {COMPAT}

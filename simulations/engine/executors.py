@@ -32,7 +32,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from simulations.engine.identity import DEFAULT_RUN_ID
+from strategies.flower_compat import DEFAULT_RUN_ID
 
 
 @dataclasses.dataclass

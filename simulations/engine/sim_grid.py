@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from simulations.engine.executors import Executor, Job, JobResult
-from simulations.engine.identity import DEFAULT_RUN_ID, ensure_task_identity
+from strategies.flower_compat import DEFAULT_RUN_ID, ensure_task_identity, set_message_id
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ class SimGrid(Grid):
             if not 0 <= cid < self.num_clients:
                 raise ValueError(f"message for unknown node {cid} (nodes are 0..{self.num_clients - 1})")
             mid = f"m{next(self._ids)}"
-            msg.metadata.__dict__["_message_id"] = mid
+            set_message_id(msg, mid)
             jobs.append(Job(mid, cid, msg, self._states.get(cid), float(self._work(cid))))
             ids.append(mid)
         self.executor.submit(jobs)

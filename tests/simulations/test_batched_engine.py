@@ -7,8 +7,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from simulations.config import load_config
 from simulations.engine.executors import Job, plan_chunks
-from simulations.engine.identity import ensure_task_identity
 from simulations.runner import Simulation
+from strategies.flower_compat import ensure_task_identity
 
 ensure_task_identity()
 

@@ -18,9 +18,9 @@ import strategies
 from fedagg.errors import ConfigError
 from fedagg.fedau import FedAUWeights
 from fedagg.participation import build_process
-from simulations.engine.identity import ensure_task_identity
 from simulations.results import load_arrays, save_arrays
 from strategies.fedau import FedAUStrategy
+from strategies.flower_compat import ensure_task_identity
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 import strategies
 from fedagg.errors import ConfigError
-from simulations.engine.identity import ensure_task_identity
 from strategies.arrays import to_numpy, to_record
+from strategies.flower_compat import ensure_task_identity
 from strategies.merging import apply_merge, held_out_loss
 
 ensure_task_identity()
