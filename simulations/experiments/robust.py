@@ -560,8 +560,8 @@ def claims_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], target: 
         f"rounds), paired by seed: mean ± std over seeds {seeds}; *holds* = FA higher on every "
         "seed, *fails* = lower on every seed, *mixed* otherwise.",
         "",
-        f"| FA − rule, `{attack}` attack | " + " | ".join(f"f = {f}" for f in fs)
-        + " | worst case over attacks, " + ", ".join(f"f = {f}" for f in fs) + " |",
+        f"| FA − rule | " + " | ".join(f"`{attack}`, f = {f}" for f in fs)
+        + " | " + " | ".join(f"worst case, f = {f}" for f in fs) + " |",
         "|---|" + "---:|" * (2 * len(fs)),
     ]
     for agg in others:
@@ -590,20 +590,22 @@ def tuning_markdown(tuning: Mapping[str, Any], exp: Mapping[str, Any]) -> str:
 
 def plateau_markdown(results: Mapping[str, Any]) -> str:
     """How much the headline moved over the last ``PLATEAU_GAP`` rounds, over every cell."""
-    moves = []
-    for f_cells in results.values():
-        for a_cells in f_cells.values():
-            for cell in a_cells.values():
+    moves, names = [], []
+    for f, f_cells in sorted(results.items()):
+        for attack, a_cells in f_cells.items():
+            for agg, cell in a_cells.items():
                 d = np.asarray(cell["headline"]) - np.asarray(cell["earlier"])
                 if np.isfinite(d).all():
                     moves.append(float(np.mean(d)))
+                    names.append(f"{agg} (f={f}, {LABELS.get(attack, attack)})")
     if not moves:
         return ""
-    m = np.abs(np.asarray(moves))
+    m = np.asarray(moves)
+    big = [f"{n}: {100 * v:+.1f}" for n, v in zip(names, m, strict=True) if abs(v) > 0.01]
     return (f"**Plateau check**: the headline against the same window {PLATEAU_GAP} rounds earlier, "
-            f"over {len(m)} cells (seed means): median change {100 * float(np.median(m)):.2f} "
-            f"points, largest {100 * float(m.max()):.2f}; {int((m > 0.01).sum())} cells moved by "
-            "more than 1 point.")
+            f"over {len(m)} cells (seed means): median |change| {100 * float(np.median(np.abs(m))):.2f} "
+            f"points, largest {100 * float(np.abs(m).max()):.2f}; cells that moved by more than 1 "
+            "point: " + (", ".join(big) if big else "none") + ".")
 
 
 def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: int,

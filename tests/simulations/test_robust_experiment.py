@@ -74,6 +74,14 @@ def _cell(seeds, headline):
     return {"seeds": seeds, "headline": headline, "earlier": headline}
 
 
+def test_plateau_check_names_the_cells_that_still_move():
+    results = {"3": {"random": {"flag": {"headline": [0.50, 0.52], "earlier": [0.40, 0.44]},
+                                "median": {"headline": [0.8, 0.8], "earlier": [0.8, 0.801]}}}}
+    text = exp_robust.plateau_markdown(results)
+    assert "flag (f=3, random): +9.0" in text and "median" not in text.split("point:")[1]
+    assert "largest 9.00" in text
+
+
 def test_paired_gaps_verdicts_and_claim_table():
     results = {"3": {"random": {"flag": _cell([0, 1, 2], [0.80, 0.82, 0.90]),
                                 "median": _cell([2, 0, 1], [0.70, 0.75, 0.78]),
@@ -92,6 +100,7 @@ def test_paired_gaps_verdicts_and_claim_table():
            "base": {"rounds": 600}}
     table = exp_robust.claims_markdown(results, exp)
     # FA − median: +0.097 mean; worst cases: FA 0.5 (alie), median min(0.743, 0.6) = 0.6
+    assert "| FA − rule | `random`, f = 3 | worst case, f = 3 |" in table
     assert "| median | +9.7 ± 9.0 (holds) | -10.0 |" in table
     assert "| krum | -2.7 ± 4.0 (mixed) | +40.0 |" in table
 
