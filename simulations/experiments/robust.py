@@ -333,6 +333,13 @@ def attacks_at(exp: Mapping[str, Any], f: int) -> list[str]:
     return list(exp["attacks_by_f"].get(f, exp["attacks"]))
 
 
+def full_fs(exp: Mapping[str, Any]) -> list[int]:
+    """The f values (sorted) at which every attack ran, f = 0 included: where a worst case over
+    attacks exists."""
+    return sorted(int(f) for f in exp["f"]
+                  if int(f) == 0 or attacks_at(exp, int(f)) == list(exp["attacks"]))
+
+
 def cell_mean(results: Mapping[str, Any], f: int, attack: str, agg: str) -> float:
     cell = results.get(str(f), {}).get(attack, {}).get(agg)
     return float(np.mean(cell["headline"])) if cell and cell["headline"] else float("nan")
@@ -368,10 +375,11 @@ def _bold_best(cells: dict[str, str], means: dict[str, float]) -> dict[str, str]
 
 
 def attack_table(results: Mapping[str, Any], f: int, attacks: Sequence[str],
-                 aggs: Sequence[str], labels: Mapping[str, str]) -> str:
-    """Rows = aggregators; columns = clean (f = 0), each attack at ``f``, worst case. Cells:
-    final test accuracy, mean ± std over seeds (%); the best of each column in bold."""
-    cols = ["clean (f=0)", *[labels.get(a, a) for a in attacks], "worst case"]
+                 aggs: Sequence[str], labels: Mapping[str, str], worst: bool = True) -> str:
+    """Rows = aggregators; columns = clean (f = 0), each attack at ``f``, worst case (unless
+    ``worst`` is False: ``attacks`` is not every attack). Cells: headline test accuracy, mean ±
+    std over seeds (%); the best of each column in bold."""
+    cols = ["clean (f=0)", *[labels.get(a, a) for a in attacks], *(["worst case"] if worst else [])]
     grid: dict[str, dict[str, str]] = {a: {} for a in aggs}
     for j, col in enumerate(cols):
         cells, means = {}, {}
@@ -379,7 +387,7 @@ def attack_table(results: Mapping[str, Any], f: int, attacks: Sequence[str],
             if j == 0:
                 cell = results.get("0", {}).get(NO_ATTACK, {}).get(agg)
                 cells[agg], means[agg] = _cell_text(cell), cell_mean(results, 0, NO_ATTACK, agg)
-            elif j == len(cols) - 1:
+            elif worst and j == len(cols) - 1:
                 w = worst_case(results, f, agg, attacks)
                 cells[agg], means[agg] = ("–" if math.isnan(w) else f"{100 * w:.1f}"), w
             else:
@@ -444,7 +452,7 @@ def plot_heatmap(results: Mapping[str, Any], f: int, attacks: Sequence[str], agg
             if not np.isnan(M[i, j]):
                 ax.text(j, i, f"{100 * M[i, j]:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if M[i, j] < 0.35 else "black")
-    ax.set_title(f"MNIST-1D, 15 clients, f = {f} Byzantine: final test accuracy (%)", fontsize=9)
+    ax.set_title(f"MNIST-1D, 15 clients, f = {f} Byzantine: test accuracy, last rounds (%)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -548,6 +556,7 @@ def claims_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], target: 
     seed, mean ± std, points) and in the worst case over attacks (seed means)."""
     fs = sorted(int(f) for f in exp["f"] if int(f) > 0)
     attacks = list(exp["attacks"])
+    full = [f for f in fs if attacks_at(exp, f) == attacks]
     others = [a for a in exp["aggregators"] if a != target]
     seeds = sorted({s for f in fs for s in exp["seeds_by_f"].get(f, exp["seeds"])})
     last, rounds = exp["last_rounds"], exp["base"].get("rounds")
@@ -560,13 +569,13 @@ def claims_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], target: 
         f"rounds), paired by seed: mean ± std over seeds {seeds}; *holds* = FA higher on every "
         "seed, *fails* = lower on every seed, *mixed* otherwise.",
         "",
-        f"| FA − rule | " + " | ".join(f"`{attack}`, f = {f}" for f in fs)
-        + " | " + " | ".join(f"worst case, f = {f}" for f in fs) + " |",
-        "|---|" + "---:|" * (2 * len(fs)),
+        "| FA − rule | " + " | ".join(f"`{attack}`, f = {f}" for f in fs)
+        + " | " + " | ".join(f"worst case, f = {f}" for f in full) + " |",
+        "|---|" + "---:|" * (len(fs) + len(full)),
     ]
     for agg in others:
         row = [_gap_text(paired_gap(results, f, attack, target, agg)) for f in fs]
-        for f in fs:
+        for f in full:
             w = worst_case(results, f, target, attacks) - worst_case(results, f, agg, attacks)
             row.append("–" if math.isnan(w) else f"{100 * w:+.1f}")
         lines.append(f"| {agg} | " + " | ".join(row) + " |")
@@ -644,7 +653,7 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
         "",
         "### Worst case over attacks against f",
         "",
-        worst_table(results, fs, attacks, aggs),
+        worst_table(results, full_fs(exp), attacks, aggs),
         "",
         "![worst case vs f](figures/robust_vs_f.png)",
         "",
@@ -656,7 +665,8 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
         if f in (0, fmax):
             continue
         parts += ["", f"### Aggregator × attack at f = {f}", "",
-                  attack_table(results, f, attacks, aggs, LABELS)]
+                  attack_table(results, f, attacks_at(exp, f), aggs, LABELS,
+                               worst=attacks_at(exp, f) == attacks)]
     rej = []
     for f in fs:
         for a in attacks if f else [NO_ATTACK]:
@@ -750,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmax = max(int(f) for f in exp["f"])
         plot_heatmap(results, fmax, attacks, aggs, LABELS, figures / "robust_heatmap.png")
         plot_curves(results, fmax, attacks, aggs, LABELS, figures / "robust_curves.png")
-        plot_vs_f(results, sorted(int(f) for f in exp["f"]), attacks, aggs, figures / "robust_vs_f.png")
+        plot_vs_f(results, full_fs(exp), attacks, aggs, figures / "robust_vs_f.png")
     if docs is not None:
         print(f"recorded in {write_docs(md, docs, claims)}")
     print(f"done in {time.perf_counter() - t0:.0f} s")

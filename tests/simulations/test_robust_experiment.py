@@ -95,12 +95,17 @@ def test_paired_gaps_verdicts_and_claim_table():
     assert exp_robust.verdict(np.array([-0.05, 0.02, -0.01])) == "mixed"
     assert exp_robust.verdict(np.array([-0.05, -0.02])) == "fails"
     assert exp_robust.paired_gap(results, 2, "random", "flag", "median") is None
-    exp = {"f": [0, 3], "seeds": [0, 1, 2], "seeds_by_f": {}, "attacks": {"random": {}, "alie": {}},
+    exp = {"f": [0, 3], "seeds": [0, 1, 2], "seeds_by_f": {}, "attacks_by_f": {},
+           "attacks": {"random": {}, "alie": {}},
            "aggregators": {"flag": {}, "median": {}, "krum": {}}, "last_rounds": 50,
            "base": {"rounds": 600}}
     table = exp_robust.claims_markdown(results, exp)
     # FA − median: +0.097 mean; worst cases: FA 0.5 (alie), median min(0.743, 0.6) = 0.6
     assert "| FA − rule | `random`, f = 3 | worst case, f = 3 |" in table
+    exp["attacks_by_f"] = {3: ["random"]}  # a worst case needs every attack
+    assert "worst case" not in exp_robust.claims_markdown(results, exp)
+    assert exp_robust.full_fs(exp) == [0]
+    exp["attacks_by_f"] = {}
     assert "| median | +9.7 ± 9.0 (holds) | -10.0 |" in table
     assert "| krum | -2.7 ± 4.0 (mixed) | +40.0 |" in table
 
