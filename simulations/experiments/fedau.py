@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -269,10 +268,7 @@ def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any
         if not _usable(job):
             raise ConfigError("tuning", f"run {job.name} is not finished; run without "
                               "--report-only")
-        score = float("nan")
-        if (job.run_dir / grid.SUMMARY).is_file():
-            rounds, acc = grid.run_curve(job.run_dir)
-            score = late_mean(rounds, acc, last)
+        score = tuning_lib.tuning_score(job.run_dir, last)
         cell = out.setdefault(job.pattern, {}).setdefault(
             job.method, {"key": job.key, "values": [], "scores": []})
         cell["values"].append(job.value)
@@ -451,24 +447,8 @@ def claims_report(exp: Mapping[str, Any], results: Mapping[str, Any],
 
 def tuning_table(exp: Mapping[str, Any], tuning: Mapping[str, Any]) -> str:
     """Markdown: per method and pattern the chosen value and the score of each value tried
-    (chosen in bold; a choice at the edge of the grid is marked †)."""
-    pats = list(tuning)
-    methods = [m for m in exp["methods"] if m in tuning[pats[0]]]
-    lines = ["| method | tuned | values | " + " | ".join(pats) + " |",
-             "|---|---|---|" + "---|" * len(pats)]
-    for m in methods:
-        c0 = tuning[pats[0]][m]
-        cells = []
-        for p in pats:
-            c = tuning[p][m]
-            edge = c["chosen"] in (c["values"][0], c["values"][-1])
-            scores = " / ".join("–" if math.isnan(s) else
-                                (f"**{100 * s:.1f}**" if v == c["chosen"] else f"{100 * s:.1f}")
-                                for v, s in zip(c["values"], c["scores"], strict=True))
-            cells.append(f"**{c['chosen']:g}**{' †' if edge else ''} ({scores})")
-        lines.append(f"| {m} | `{c0['key']}` | {', '.join(f'{v:g}' for v in c0['values'])} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    (:func:`~simulations.experiments.tuning.tuning_table`)."""
+    return tuning_lib.tuning_table(list(exp["methods"]), tuning)
 
 
 def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[str, Any],

@@ -328,10 +328,7 @@ def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any
         if not _usable(job):
             raise ConfigError("tuning", f"run {job.name} is not finished; run without "
                               "--report-only")
-        score = float("nan")
-        if (job.run_dir / grid.SUMMARY).is_file():
-            rounds, acc = grid.run_curve(job.run_dir)
-            score = tuning.late_mean(rounds, acc, last)
+        score = tuning.tuning_score(job.run_dir, last)
         cell = out.setdefault(job.level, {}).setdefault(
             job.method, {"key": job.key, "values": [], "scores": []})
         cell["values"].append(job.value)

@@ -309,10 +309,7 @@ def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any
         if not _usable(job):
             raise ConfigError("tuning", f"run {job.name} is not finished; run without "
                               "--report-only")
-        score = float("nan")
-        if (job.run_dir / grid.SUMMARY).is_file():
-            rounds, acc = grid.run_curve(job.run_dir)
-            score = tuning_lib.late_mean(rounds, acc, exp["last_rounds"])
+        score = tuning_lib.tuning_score(job.run_dir, exp["last_rounds"])
         cell = out.setdefault(job.aggregator, {"key": job.key, "values": [], "scores": []})
         cell["values"].append(job.value)
         cell["scores"].append(score)

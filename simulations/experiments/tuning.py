@@ -111,6 +111,17 @@ def late_mean(rounds: np.ndarray, acc: np.ndarray, last: int, end: float | None 
     return float(np.mean(acc[sel])) if sel.any() else float("nan")
 
 
+def tuning_score(run_dir: Path, last: int) -> float:
+    """The headline (:func:`late_mean` over the last ``last`` rounds) of a finished tuning run, or
+    NaN for a run the runner stopped (no ``summary.json``)."""
+    from simulations.experiments import grid
+
+    if not (run_dir / grid.SUMMARY).is_file():
+        return float("nan")
+    rounds, acc = grid.run_curve(run_dir)
+    return late_mean(rounds, acc, last)
+
+
 def diverged(run_dir: Path) -> bool:
     """Whether the run's final global model (``model.safetensors``) has a non-finite parameter."""
     from simulations.results import load_arrays
