@@ -41,9 +41,13 @@ def test_config_is_the_flag_papers_parameter_server_protocol():
     jobs = exp_robust.make_jobs(exp, out, {a: 0.1 for a in exp["aggregators"]})
     n_aggs, n_seeds = len(exp["aggregators"]), len(exp["seeds"])
     per_cell = sum(len(exp_robust.attacks_at(exp, f)) for f in exp["f"])
-    assert exp_robust.attacks_at(exp, 1) == ["random"] and exp_robust.attacks_at(exp, 0) == ["none"]
-    assert per_cell == 1 + 1 + 2 * len(exp["attacks"])  # f = 0, f = 1 (random only), f = 2, 3
+    assert exp_robust.attacks_at(exp, 0) == ["none"]
+    assert per_cell == 1 + 3 * len(exp["attacks"])  # f = 0 clean; every attack at f = 1, 2, 3
     assert len(jobs) == n_aggs * n_seeds * per_cell
+    assert exp_robust.full_fs(exp) == [0, 1, 2, 3]
+    exp["attacks_by_f"] = {1: ["random"]}  # a subset of the columns at one f
+    assert exp_robust.attacks_at(exp, 1) == ["random"] and exp_robust.full_fs(exp) == [0, 2, 3]
+    assert len(exp_robust.make_jobs(exp, out)) == n_aggs * n_seeds * (per_cell - 4)
     assert {j.config["server_lr"] for j in jobs} == {0.1}
     assert len({j.run_dir for j in [*jobs, *tune]}) == len(jobs) + len(tune)
 
