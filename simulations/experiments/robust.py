@@ -37,8 +37,6 @@ from simulations.experiments import grid
 from simulations.experiments import tuning as tuning_lib
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust_mnist1d.yaml"
-MARK = "robust:results"
-CLAIMS_MARK = "robust:claims"
 #: Keys an aggregator's ``tune`` grid may name.
 TUNABLE = tuning_lib.TUNABLE
 #: The plateau check compares the headline with the same window this many rounds earlier.
@@ -56,11 +54,21 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict[str, Any]:
     """The experiment mapping, checked; ``quick`` applies the ``quick`` section (its ``base``
     merges into ``base``, other keys replace). Optional keys: ``seeds_by_f``, ``attacks_by_f``
-    (``{f: [attack names]}``: a subset of the columns at that f), ``last_rounds``
+    (``{f: [attack names]}``: a subset of the columns at that f), ``name`` (default ``robust``:
+    the docs markers ``<name>:results``/``<name>:claims``, the figures ``<name>_*.png`` and the
+    default output ``runs/<name>_mnist1d``), ``claims`` (default true: write the FA claim table),
+    ``last_rounds``
     (default 1: the final accuracy) and ``tuning`` (``seed``, ``f``) with a ``tune`` grid
     (``{server_lr: [values]}`` or ``{lr: [...]}``) on aggregators."""
     exp = grid.load_grid(path, ("seeds", "f", "base", "attacks", "aggregators"),
-                         ("seeds_by_f", "attacks_by_f", "tuning", "last_rounds"), quick=quick)
+                         ("seeds_by_f", "attacks_by_f", "tuning", "last_rounds", "name", "claims"),
+                         quick=quick)
+    name = exp.setdefault("name", "robust")
+    if not isinstance(name, str) or not name.replace("_", "").isalnum():
+        raise ConfigError("name", f"letters, digits and '_' (got {name!r}); it names the docs "
+                          "section, the figures and the default output folder")
+    if not isinstance(exp.setdefault("claims", True), bool):
+        raise ConfigError("claims", f"true or false (got {exp['claims']!r})")
     exp["seeds_by_f"] = {int(k): [int(s) for s in v] for k, v in (exp.get("seeds_by_f") or {}).items()}
     exp["attacks_by_f"] = {int(k): list(v) for k, v in (exp.get("attacks_by_f") or {}).items()}
     for f, names in exp["attacks_by_f"].items():
@@ -646,17 +654,17 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
         "",
         attack_table(results, fmax, attacks, aggs, LABELS),
         "",
-        "![heatmap](figures/robust_heatmap.png)",
+        f"![heatmap](figures/{exp['name']}_heatmap.png)",
         "",
         "### Worst case over attacks against f",
         "",
         worst_table(results, full_fs(exp), attacks, aggs),
         "",
-        "![worst case vs f](figures/robust_vs_f.png)",
+        f"![worst case vs f](figures/{exp['name']}_vs_f.png)",
         "",
         f"### Test accuracy per round at f = {fmax}",
         "",
-        "![curves](figures/robust_curves.png)",
+        f"![curves](figures/{exp['name']}_curves.png)",
     ]
     for f in fs:
         if f in (0, fmax):
@@ -687,12 +695,13 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
     return "\n".join(p for p in parts)
 
 
-def write_docs(markdown: str, docs: Path, claims: str | None = None) -> Path:
-    """Replace the block between the result markers of ``docs`` (appended if absent), and the
-    claim table between the claim markers."""
-    grid.write_section(docs, markdown.strip(), MARK, empty="# Byzantine-robust aggregation\n")
+def write_docs(markdown: str, docs: Path, claims: str | None = None, name: str = "robust") -> Path:
+    """Replace the block between the ``<name>:results`` markers of ``docs`` (appended if absent),
+    and the claim table between the ``<name>:claims`` markers."""
+    grid.write_section(docs, markdown.strip(), f"{name}:results",
+                       empty="# Byzantine-robust aggregation\n")
     if claims is not None:
-        grid.write_section(docs, claims.strip(), CLAIMS_MARK)
+        grid.write_section(docs, claims.strip(), f"{name}:claims")
     return docs
 
 
@@ -707,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[2]
     try:
         exp = load_experiment(args.config, quick=args.quick)
-        out, docs, figures = grid.output_paths(args, "runs/robust_mnist1d",
+        out, docs, figures = grid.output_paths(args, f"runs/{exp['name']}_mnist1d",
                                                root / "docs" / "robust.md", root / "docs" / "figures",
                                                quick_figures=False)
         tune_jobs = make_tune_jobs(exp, out)
@@ -749,17 +758,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=str))
     done = sum(1 for j in all_jobs if _usable(j))
     md = report_markdown(results, exp, done, tuning, wall)
-    claims = claims_markdown(results, exp) if "flag" in exp["aggregators"] else None
+    claims = claims_markdown(results, exp) if exp["claims"] and "flag" in exp["aggregators"] else None
     print(claims or "")
     print(md)
     if figures is not None:
         attacks, aggs = list(exp["attacks"]), list(exp["aggregators"])
         fmax = max(int(f) for f in exp["f"])
-        plot_heatmap(results, fmax, attacks, aggs, LABELS, figures / "robust_heatmap.png")
-        plot_curves(results, fmax, attacks, aggs, LABELS, figures / "robust_curves.png")
-        plot_vs_f(results, full_fs(exp), attacks, aggs, figures / "robust_vs_f.png")
+        name = exp["name"]
+        plot_heatmap(results, fmax, attacks, aggs, LABELS, figures / f"{name}_heatmap.png")
+        plot_curves(results, fmax, attacks, aggs, LABELS, figures / f"{name}_curves.png")
+        plot_vs_f(results, full_fs(exp), attacks, aggs, figures / f"{name}_vs_f.png")
     if docs is not None:
-        print(f"recorded in {write_docs(md, docs, claims)}")
+        print(f"recorded in {write_docs(md, docs, claims, exp['name'])}")
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 

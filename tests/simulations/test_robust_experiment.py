@@ -63,6 +63,8 @@ def test_config_is_the_flag_papers_parameter_server_protocol():
     (lambda e: e["base"].pop("eval_last"), "last_rounds"),                    # not evaluated
     (lambda e: e.update(last_rounds=0), "last_rounds"),
     (lambda e: e.update(attacks_by_f={1: ["nope"]}), "attacks_by_f.1"),
+    (lambda e: e.update(name="../elsewhere"), "name"),
+    (lambda e: e.update(claims="yes"), "claims"),
 ])
 def test_config_errors_name_the_field(edit, field, tmp_path):
     exp = yaml.safe_load(exp_robust.DEFAULT_CONFIG.read_text())
@@ -160,3 +162,17 @@ def test_leak_cli_refuses_a_directory_without_a_model(tmp_path, capsys):
 
     assert robust_leak.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: run_dir:")
+
+
+def test_fedavg_style_config_is_a_second_table_with_its_own_names(tmp_path):
+    path = exp_robust.DEFAULT_CONFIG.parent / "robust_fedavg_mnist1d.yaml"
+    exp = exp_robust.load_experiment(path)
+    assert exp["name"] == "robust_fedavg" and exp["claims"] is False
+    assert exp["base"]["local_steps"] > 1 and "server_momentum" not in exp["base"]
+    assert exp_robust.load_experiment()["name"] == "robust"  # the default
+    doc = tmp_path / "robust.md"
+    exp_robust.write_docs("first", doc)
+    exp_robust.write_docs("second", doc, name="robust_fedavg")
+    text = doc.read_text()
+    assert "<!-- robust:results -->\nfirst\n" in text
+    assert "<!-- robust_fedavg:results -->\nsecond\n" in text
