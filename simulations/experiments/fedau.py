@@ -275,10 +275,7 @@ def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any
         cell["scores"].append(score)
     for cells in out.values():
         for cell in cells.values():
-            scores = np.asarray(cell["scores"], dtype=np.float64)
-            if np.isnan(scores).all():
-                raise ConfigError("tuning", f"every {cell['key']} of a grid failed; lower it")
-            cell["chosen"] = cell["values"][int(np.nanargmax(scores))]
+            cell["chosen"] = tuning_lib.choose(cell["values"], cell["scores"])
     if exp.get("tuning") and exp["tuning"]["pattern"] != "each":
         src = exp["tuning"]["pattern"]
         out = {p: {m: {**c, "from": src} for m, c in out[src].items()} for p in exp["patterns"]}

@@ -321,13 +321,9 @@ def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any
         cell = out.setdefault(job.aggregator, {"key": job.key, "values": [], "scores": []})
         cell["values"].append(job.value)
         cell["scores"].append(score)
-    for agg, cell in out.items():
-        scores = np.asarray(cell["scores"], dtype=np.float64)
-        if np.isnan(scores).all():
-            raise ConfigError("tuning", f"every {cell['key']} of {agg}'s grid failed; lower it")
-        best = int(np.nanargmax(scores))
-        cell["chosen"] = cell["values"][best]
-        cell["edge"] = best in (0, len(scores) - 1)
+    for cell in out.values():
+        cell["chosen"] = tuning_lib.choose(cell["values"], cell["scores"])
+        cell["edge"] = cell["chosen"] in (cell["values"][0], cell["values"][-1])
     return out
 
 
@@ -528,15 +524,10 @@ LABELS: dict[str, str] = {}
 
 def paired_gap(results: Mapping[str, Any], f: int, attack: str, a: str, b: str) -> np.ndarray | None:
     """Per-seed headline of ``a`` minus ``b`` in one (f, attack) cell, paired by seed (points of
-    accuracy, 0–1 scale); None if either cell is missing."""
-    ca = results.get(str(f), {}).get(attack, {}).get(a)
-    cb = results.get(str(f), {}).get(attack, {}).get(b)
-    if not ca or not cb:
-        return None
-    hb = dict(zip(cb["seeds"], cb["headline"], strict=True))
-    common = [(h, hb[s]) for s, h in zip(ca["seeds"], ca["headline"], strict=True)
-              if s in hb]
-    return np.array([x - y for x, y in common]) if common else None
+    accuracy, 0–1 scale); None if either cell is missing
+    (:func:`~simulations.experiments.tuning.paired_gap` on the f's cells)."""
+    gaps = tuning_lib.paired_gap(results.get(str(f), {}), attack, a, b)
+    return None if gaps is None else gaps / 100
 
 
 def verdict(gaps: np.ndarray) -> str:
