@@ -7,7 +7,7 @@ virtual client that process serves: the federated data is loaded once (from the 
 one model instance per model kind is kept and loaded in place with each message's weights.
 
 What a train message asks for is the ``task`` key of its ConfigRecord (default ``train``: local SGD);
-tasks are registered in :data:`TASKS` (families add their own, e.g. ``fisher``).
+tasks are listed in :mod:`simulations.tasks` (:data:`TASKS`; families add their own, e.g. ``fisher``).
 All local randomness comes from a generator keyed by ``(seed, "local-train", round, client)``.
 """
 
@@ -25,27 +25,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedagg.batched import BatchedResult, ClientJob, batched_local_sgd, can_batch
+from fedagg.batched import ClientJob, can_batch
 from fedagg.data import FederatedData, load_federated
 from fedagg.models import build_model
-from fedagg.registry import Registry
 from fedagg.rng import numpy_rng, torch_generator
-from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state, local_sgd, state_to_numpy
+from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state
 from simulations.profiles import ProfileTable
+from simulations.tasks import BATCHED_TASKS, TASKS
 from strategies.arrays import config_record, metric_record, record_dict, to_numpy, to_record
-
-#: Client tasks: ``task(runtime, client_id, content, context) -> RecordDict`` (the reply content).
-TASKS: Registry[RecordDict] = Registry("client task")
 
 PARTITION_ID_KEY = "partition-id"
 
 #: Clients whose data tensors a process keeps (least recently used ones are dropped).
 TENSOR_CACHE = 256
-
-#: Batched versions of client tasks: ``fn(runtime, model, config, jobs) -> BatchedResult`` trains
-#: ``jobs`` from ``model``'s current weights in one computation (``ClientRuntime.train_batch``).
-BatchedTask = Callable[["ClientRuntime", torch.nn.Module, ConfigRecord, list[ClientJob]], BatchedResult]
-BATCHED_TASKS: dict[str, BatchedTask] = {}
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -186,7 +178,6 @@ class ClientRuntime:
             return "batched_clients is off"
         config = config_record(content)
         task = str(config.get("task", "train"))
-        _register_family_tasks()
         if task not in BATCHED_TASKS:
             return f"task {task!r} has no batched path (batched: {', '.join(sorted(BATCHED_TASKS))})"
         model = self.model()
@@ -286,7 +277,6 @@ class ClientRuntime:
         config = config_record(msg.content)
         self.inject_faults(int(config.get("server-round", 0)), cid)
         task = str(config.get("task", "train"))
-        _register_family_tasks()
         handler: Callable[..., RecordDict] = TASKS.entry(task, field="task").factory
         return Message(handler(self, cid, msg.content, context), reply_to=msg)
 
@@ -322,39 +312,12 @@ def client_id(context: Context) -> int:
     return int(context.node_config[PARTITION_ID_KEY])
 
 
-@TASKS.register("train", doc="Local SGD from the broadcast model; reply with the local model.")
-def train_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Context) -> RecordDict:
-    """Load the global model in place, run local SGD, reply ``arrays`` + ``metrics``."""
-    config = config_record(content)
-    model = rt.model()
-    load_numpy_state(model, rt.broadcast_state(content))
-    t = rt.tensors(cid)
-    server_round = int(config.get("server-round", 0))
-    loss = local_sgd(model, t.x, t.y, rt.train_config(config, cid), rt.generator("local-train", server_round, cid))
-    metrics = {"num-examples": int(len(t.y)), "train_loss": float(loss), "client-id": cid}
-    return RecordDict({"arrays": to_record(state_to_numpy(model)), "metrics": MetricRecord(metrics)})
-
-
-def _batched_train(rt: ClientRuntime, model: torch.nn.Module, config: ConfigRecord,
-                   jobs: list[ClientJob]) -> BatchedResult:
-    del rt, config
-    return batched_local_sgd(model, jobs)
-
-
-BATCHED_TASKS["train"] = _batched_train
-
-
-def _register_family_tasks() -> None:
-    import simulations.tasks  # noqa: F401  (registers fisher, fedins, ... into TASKS)
-
-
 def make_client_app(config: Mapping[str, Any], runtime: ClientRuntime | None = None) -> ClientApp:
     """A Flower ClientApp for the run described by ``config`` (a ``RunConfig.model_dump()``).
 
     ``runtime`` shares an existing :class:`ClientRuntime` (the inline engine reuses the server's:
     one dataset, one model instance in the process); a pickled app carries only the config.
     """
-    _register_family_tasks()
     runtime = runtime if runtime is not None else ClientRuntime(config)
     app = ClientApp()
 

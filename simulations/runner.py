@@ -1,9 +1,11 @@
 """Run one simulation: environment + strategy + engine + results.
 
 :class:`Simulation` holds the server side of a run (strategy, environment, evaluation, results) and
-:meth:`Simulation.serve` is the round loop. The loop is the same for every engine: ``inline`` and
-``ray`` call it with our :class:`~simulations.engine.sim_grid.SimGrid`; ``flower`` calls it from a
-Flower ``ServerApp`` that ``flwr.simulation.run_simulation`` drives, with Flower's own grid.
+:meth:`Simulation.serve` is the round loop. The loop is the same for every engine: :meth:`Simulation.run`
+hands it to the engine (``engine.run(cfg, runtime, serve)``, :mod:`simulations.engine`), which calls
+it with its grid: our :class:`~simulations.engine.sim_grid.SimGrid` on ``inline`` and ``ray``,
+Flower's own grid inside the ``ServerApp`` that ``flwr.simulation.run_simulation`` drives on
+``flower``. The runner imports the engines; they never import it.
 
 Random streams (all from ``seed``): the partition, then the participation probabilities and the
 availability process consume one ``RandomState(seed)`` in the IBM/fedau order; client selection,
@@ -41,6 +43,7 @@ from simulations.config import (
     load_config,
     strategy_build_params,
 )
+from simulations.engine import choose_engine, get_engine
 from simulations.environment import EnvironmentGrid
 from simulations.results import RunWriter, save_arrays
 from simulations.simtime import SimClock
@@ -304,13 +307,14 @@ class Simulation:
 
     def _run(self, grid: Grid | None, node_of_client: dict[int, int] | None) -> RunResult:
         t0 = time.perf_counter()
-        from simulations.engine import choose_engine, run_on_engine
-
         self.engine, why = ("flower", "a Flower ServerApp's grid") if grid is not None else choose_engine(self.cfg)
         if self.progress:
             print(f"engine: {self.engine} ({why})", file=sys.stderr)
         try:
-            arrays = run_on_engine(self, self.engine) if grid is None else self.serve(grid, node_of_client)
+            if grid is None:
+                arrays = get_engine(self.engine).run(self.cfg, self.runtime, self.serve)
+            else:
+                arrays = self.serve(grid, node_of_client)
         except ConfigError:
             self._discard_if_empty()  # the engine refused the input before round 1
             raise

@@ -19,6 +19,7 @@ config) or Adam. Batches come from :func:`fedagg.training.minibatches` with the 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
@@ -28,10 +29,12 @@ from fedagg.errors import ConfigError
 from fedagg.ssf.pool import SSFPoolModel
 from fedagg.ssf.training import OPTIMIZERS, batched_train_pool, train_pool
 from fedagg.training import load_numpy_state, state_to_numpy
-from simulations.client_app import BATCHED_TASKS, TASKS, ClientRuntime
 from strategies.arrays import to_record
 
-__all__ = ["OPTIMIZERS", "fedins_task", "train_pool"]
+if TYPE_CHECKING:
+    from simulations.client_app import ClientRuntime
+
+__all__ = ["OPTIMIZERS", "batched_fedins", "fedins_task", "train_pool"]
 
 
 def _fedins_args(rt: ClientRuntime, config: ConfigRecord) -> tuple[SSFPoolModel, float, str]:
@@ -45,17 +48,13 @@ def _fedins_args(rt: ClientRuntime, config: ConfigRecord) -> tuple[SSFPoolModel,
     return model, lam, str(config.get("optimizer", "sgd"))
 
 
-def _batched_fedins(rt: ClientRuntime, model: torch.nn.Module, config: ConfigRecord,
-                    jobs: list[ClientJob]) -> BatchedResult:
+def batched_fedins(rt: ClientRuntime, model: torch.nn.Module, config: ConfigRecord,
+                   jobs: list[ClientJob]) -> BatchedResult:
+    """``fedins`` for many clients at once: :func:`fedagg.ssf.training.batched_train_pool`."""
     pool, lam, optimizer = _fedins_args(rt, config)
     return batched_train_pool(pool, jobs, lam=lam, optimizer=optimizer)
 
 
-BATCHED_TASKS["fedins"] = _batched_fedins
-
-
-@TASKS.register("fedins", doc="FedIns: train only the SSF pool with the surrogate loss; reply "
-                "with the pool.")
 def fedins_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Context) -> RecordDict:
     """Load the broadcast pool in place, run :func:`train_pool`, reply ``arrays`` + ``metrics``."""
     del context

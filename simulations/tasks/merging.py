@@ -21,14 +21,18 @@ estimator draws its labels from ``(seed, "fisher-labels", round, client)``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedagg.merging import diagonal_fisher
 from fedagg.training import federated_state, load_numpy_state, local_sgd, state_to_numpy
-from simulations.client_app import TASKS, ClientRuntime
 from strategies.arrays import to_record
+
+if TYPE_CHECKING:
+    from simulations.client_app import ClientRuntime
 
 #: Defaults of the train-config keys this task reads.
 FISHER_DEFAULTS = {"fisher-estimator": "true", "fisher-max-examples": 256, "fisher-batch-size": 32}
@@ -63,8 +67,6 @@ def client_fisher(
     return out, int(len(y))
 
 
-@TASKS.register("fisher", doc="Local SGD, then the diagonal Fisher at the local model on local data; "
-                "reply arrays + fisher + metrics.")
 def fisher_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Context) -> RecordDict:
     """Load the global model, run local SGD, estimate the diagonal Fisher; see module docstring."""
     config = content.config_records.get("config", ConfigRecord())

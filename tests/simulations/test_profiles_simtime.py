@@ -102,18 +102,18 @@ def test_gpu_profile_without_gpu_is_refused_unless_optional(tmp_path) -> None:
 
     made = iter(range(100))
 
-    def sim(gpu: str):  # each Simulation gets its own new run directory
+    def sim(gpu: str):  # the config and its client → profile table, as worker_pools takes them
         cfg = load_config(None, {"engine": "ray", "num_clients": 6, "model": "mlp",
                                  "dataset_args": {"num_samples": 600},
                                  "out": str(tmp_path / f"{gpu}-{next(made)}"),
                                  "profiles": [{"name": "gpu", "count": 2, "num_gpus": 0.25, "gpu": gpu},
                                               {"name": "ssd", "count": 2, "resources": {"slow_worker": 1}}]})
-        return Simulation(cfg)
+        return cfg, ProfileTable(cfg.model_dump(mode="json"))
 
     with pytest.raises(ConfigError, match=r"profiles\[0\]\.num_gpus: .*no GPU"):
-        worker_pools(FakeRay, sim("required"))
+        worker_pools(FakeRay, *sim("required"))
     with pytest.raises(ConfigError, match=r"profiles\[1\].*slow_worker"):
-        worker_pools(FakeRay, sim("optional"))
+        worker_pools(FakeRay, *sim("optional"))
 
     class FakeRay2(FakeRay):
         @staticmethod
@@ -122,14 +122,14 @@ def test_gpu_profile_without_gpu_is_refused_unless_optional(tmp_path) -> None:
 
     # three pools of one 1-CPU worker each do not fit in 2 CPUs: refused, not left pending
     with pytest.raises(ConfigError, match="ray.num_workers: the workers need 3 CPU"):
-        worker_pools(FakeRay2, sim("optional"))
+        worker_pools(FakeRay2, *sim("optional"))
 
     class FakeRay4(FakeRay):
         @staticmethod
         def cluster_resources():
             return {"CPU": 4.0, "slow_worker": 1.0}
 
-    pools = worker_pools(FakeRay4, sim("optional"))
+    pools = worker_pools(FakeRay4, *sim("optional"))
     assert [p.name for p in pools] == ["gpu", "ssd", "default"]
     assert pools[0].options["num_gpus"] == 0.0  # fell back to CPU
     assert pools[1].options["resources"] == {"slow_worker": 1}
