@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import simulations.bench as pkg
-from simulations.bench.report import DEFAULT_DOC, write_section
+from simulations.bench.report import DEFAULT_DOC, HEADER
+from simulations.report import write_section
 
 _NOT_BENCHES = {"report", "__main__"}
 
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(f"simulations.bench.{args.name}")
     markdown = module.run()
     if not args.no_write:
-        path = write_section(args.name, markdown, args.doc)
+        path = write_section(args.doc, markdown.strip(), f"bench:{args.name}", empty=HEADER)
         print(f"recorded in {path}")
     return 0
 

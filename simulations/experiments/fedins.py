@@ -40,6 +40,7 @@ import numpy as np
 
 from fedagg.errors import ConfigError
 from simulations.experiments import grid, tuning
+from simulations.report import mean_std, write_section
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedins_mnist1d.yaml"
 MARK = "fedins:results"
@@ -518,7 +519,7 @@ def domain_table(results: Mapping[str, Any], level: str, methods: Sequence[str])
     for m in methods:
         if m not in cells:
             continue
-        row = [grid.pm([pd[d] for pd in cells[m]["per_domain"]]) for d in domains]
+        row = [mean_std([pd[d] for pd in cells[m]["per_domain"]], scale=100) for d in domains]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -529,11 +530,6 @@ def slot_overlap(hist: np.ndarray) -> np.ndarray:
     k = hist.sum(axis=1, keepdims=True)
     p = hist / np.where(k > 0, k, 1)
     return np.minimum(p[:, None, :], p[None, :, :]).sum(axis=2)
-
-
-def _mean_std(values: Sequence[float], fmt: str = ".2f") -> str:
-    v = np.asarray(values, dtype=np.float64)
-    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if v.size > 1 else f"{v.mean():{fmt}}"
 
 
 def routing_table(results: Mapping[str, Any], method: str = "fedins") -> str:
@@ -552,12 +548,12 @@ def routing_table(results: Mapping[str, Any], method: str = "fedins") -> str:
         ov = [float(slot_overlap(np.asarray(r["slot_histogram"]))[
             ~np.eye(len(r["slot_histogram"]), dtype=bool)].mean()) for r in rs]
         lines.append(
-            f"| {lv} | {_mean_std([r['slots_used'] for r in rs], '.1f')} of {n} | "
-            f"{_mean_std([r['effective_slots'] for r in rs], '.1f')} | "
-            f"{_mean_std([np.mean(r['domain_effective_slots']) for r in rs], '.1f')} | "
-            f"{_mean_std([r['domain_purity'] for r in rs])} ({rs[0]['domain_chance']:.2f}) | "
-            f"{_mean_std([r['class_purity'] for r in rs])} ({rs[0]['class_chance']:.2f}) | "
-            f"{_mean_std([r['kept_from_init'] for r in rs])} | {_mean_std(ov)} |")
+            f"| {lv} | {mean_std([r['slots_used'] for r in rs], 1)} of {n} | "
+            f"{mean_std([r['effective_slots'] for r in rs], 1)} | "
+            f"{mean_std([np.mean(r['domain_effective_slots']) for r in rs], 1)} | "
+            f"{mean_std([r['domain_purity'] for r in rs], 2)} ({rs[0]['domain_chance']:.2f}) | "
+            f"{mean_std([r['class_purity'] for r in rs], 2)} ({rs[0]['class_chance']:.2f}) | "
+            f"{mean_std([r['kept_from_init'] for r in rs], 2)} | {mean_std(ov, 2)} |")
     return "\n".join(lines)
 
 
@@ -803,8 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_convergence(results, list(exp["methods"]), figures / "fedins_convergence.png")
     plot_slots(results, figures / "fedins_slots.png")
     if docs is not None:
-        grid.write_section(docs, head, CLAIMS_MARK)
-        grid.write_section(docs, text, MARK)
+        write_section(docs, head, CLAIMS_MARK)
+        write_section(docs, text, MARK)
         echo(f"wrote {docs}")
     echo(f"figures in {figures}; results in {out / 'results.json'}")
     return 0

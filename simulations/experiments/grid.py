@@ -12,7 +12,7 @@ The grid drivers (:mod:`~simulations.experiments.fedau`, :mod:`~simulations.expe
    :func:`run_simulation`): a run directory with ``summary.json`` is finished and reused unless
    ``--fresh``; ``--report-only`` runs nothing;
 4. report from the run directories: tables written into a docs page between markers
-   (:func:`write_section`), figures (:func:`pyplot`, :func:`save_png`).
+   (:func:`simulations.report.write_section`), figures (:func:`pyplot`, :func:`save_png`).
 
 Each driver keeps its own axes, run-directory layout, CLI extras, tables and figures;
 :mod:`~simulations.experiments.merging` uses the run-directory and figure helpers.
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations.report import mean_std, table
 
 SUMMARY = "summary.json"
 #: Written instead of ``summary.json`` by :func:`run_simulation` (``keep_failed=True``) when the
@@ -316,47 +317,23 @@ def train_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir) if r.get("phase") == "train"]
 
 
-def pm(values: Sequence[float], scale: float = 100.0) -> str:
-    """``mean ± std`` (ddof 1) of ``scale · values``, one decimal; the mean alone for one value,
-    ``–`` for none."""
-    v = scale * np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return "–"
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
-
-
 def method_table(results: Mapping[str, Any], methods: Sequence[str], key: str = "final") -> str:
     """Markdown table of ``results[column][method][key]``: rows = methods, columns = the keys of
-    ``results``, cells mean ± std over seeds (%, :func:`pm`), the best mean of each column bold."""
+    ``results``, cells mean ± std over seeds (%, :func:`~simulations.report.mean_std`), the best
+    mean of each column bold."""
     columns = list(results)
-    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     best = {}
     for col in columns:
         means = {m: float(np.mean(results[col][m][key])) for m in methods if m in results[col]}
         best[col] = max(means, key=means.__getitem__) if means else None
+    rows = []
     for m in methods:
         cells = []
         for col in columns:
-            text = pm(results[col][m][key]) if m in results[col] else "–"
+            text = mean_std(results[col][m][key], scale=100) if m in results[col] else "–"
             cells.append(f"**{text}**" if best[col] == m else text)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_section(doc: Path, text: str, mark: str, empty: str = "") -> None:
-    """Replace the text between ``<!-- mark -->`` and ``<!-- /mark -->`` of ``doc`` by ``text``,
-    or append the marked section (a missing page starts as ``empty``); written atomically."""
-    from simulations.results import atomic_write_text
-
-    start, end = f"<!-- {mark} -->", f"<!-- /{mark} -->"
-    body = doc.read_text() if doc.is_file() else empty
-    if start in body and end in body:
-        head, rest = body.split(start, 1)
-        _, tail = rest.split(end, 1)
-        body = f"{head}{start}\n{text}\n{end}{tail}"
-    else:
-        body = f"{body.rstrip()}\n\n{start}\n{text}\n{end}\n"
-    atomic_write_text(doc, body)
+        rows.append([m, *cells])
+    return table(["method", *columns], rows, "l" + "r" * len(columns))
 
 
 # ------------------------------------------------------------------------------ figures

@@ -35,6 +35,7 @@ import numpy as np
 from fedagg.errors import ConfigError
 from simulations.experiments import grid
 from simulations.experiments import tuning as tuning_lib
+from simulations.report import mean_std, write_section
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust_mnist1d.yaml"
 #: Keys an aggregator's ``tune`` grid may name.
@@ -358,7 +359,7 @@ def worst_case(results: Mapping[str, Any], f: int, agg: str, attacks: Sequence[s
 def _fmt(values: Sequence[float] | None, stopped: int = 0) -> str:
     if not values:
         return "–"
-    return grid.pm(values) + (" †" * (stopped > 0))
+    return mean_std(values, scale=100) + (" †" * (stopped > 0))
 
 
 def _cell_text(cell: Mapping[str, Any] | None) -> str:
@@ -689,10 +690,10 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
 def write_docs(markdown: str, docs: Path, claims: str | None = None, name: str = "robust") -> Path:
     """Replace the block between the ``<name>:results`` markers of ``docs`` (appended if absent),
     and the claim table between the ``<name>:claims`` markers."""
-    grid.write_section(docs, markdown.strip(), f"{name}:results",
+    write_section(docs, markdown.strip(), f"{name}:results",
                        empty="# Byzantine-robust aggregation\n")
     if claims is not None:
-        grid.write_section(docs, claims.strip(), f"{name}:claims")
+        write_section(docs, claims.strip(), f"{name}:claims")
     return docs
 
 

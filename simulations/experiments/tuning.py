@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations.report import mean_std
 
 #: Keys a method's ``tune`` grid may name.
 TUNABLE = ("lr", "server_lr")
@@ -158,10 +159,9 @@ def paired_gap(results: Mapping[str, Any], cell: str, a: str, b: str,
 
 
 def gap_text(g: np.ndarray | None) -> str:
-    """``+1.2 ± 0.3`` (mean ± std, ddof 1, points); the mean alone for one seed; ``–`` for none."""
-    if g is None or g.size == 0:
-        return "–"
-    return f"{g.mean():+.1f} ± {g.std(ddof=1):.1f}" if g.size > 1 else f"{g.mean():+.1f}"
+    """``+1.2 ± 0.3`` (:func:`~simulations.report.mean_std`, signed, points); the mean alone for
+    one seed; ``–`` for none."""
+    return mean_std(g, signed=True)
 
 
 # ------------------------------------------------------------------------------ tables
