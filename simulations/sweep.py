@@ -41,11 +41,12 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 from fedagg.errors import ConfigError
+from simulations.cli import Parser
 from simulations.results import BASE_COLUMNS, _fmt, atomic_write_text, read_metrics
 from simulations.sweep_grid import Cell, Sweep, config_difference, load_sweep
 
@@ -252,14 +253,9 @@ def run_ray(sweep: Sweep, cells: list[Cell], address: str | None, max_parallel: 
     return infos
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m simulations.sweep", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m simulations.sweep", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML file (base, grid, out, cell_resources, max_parallel, plot)")
     p.add_argument("--out", default=None, help="sweep directory (overrides the file's out)")
     p.add_argument("--max-parallel", type=int, default=None, help="cells at once (overrides the file)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import pkgutil
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import simulations.bench as pkg
 from simulations.bench.report import DEFAULT_DOC, HEADER
+from simulations.cli import Parser
 from simulations.report import write_section
 
 _NOT_BENCHES = {"report", "__main__"}
@@ -24,7 +24,7 @@ def bench_names() -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     names = bench_names()
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__)
+    parser = Parser(prog="python -m simulations.bench", description=__doc__)
     parser.add_argument("name", choices=names, help="benchmark to run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--doc", default=str(DEFAULT_DOC), help="markdown file to update")

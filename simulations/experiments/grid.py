@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations.cli import Parser
 from simulations.report import mean_std, table
 
 SUMMARY = "summary.json"
@@ -364,7 +365,7 @@ def grid_parser(module: str, doc: str, config: Path, *, docs_help: str, figures_
     """The common flags of a grid driver ``python -m <module>`` (description: the first
     paragraph of ``doc``): ``--config --quick --out --docs --figures --workers --fresh
     --report-only``; the driver adds its own and resolves the paths (:func:`output_paths`)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser = Parser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
     parser.add_argument("--config", default=str(config), help="experiment YAML")
     parser.add_argument("--quick", action="store_true", help="apply the config's quick section")
     parser.add_argument("--out", default=None, help="root of the run directories")

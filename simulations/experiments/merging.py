@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations.cli import Parser
 from simulations.experiments import grid
 from simulations.report import mean_std, sample_std, table, write_section
 
@@ -302,8 +303,8 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.merging",
-                                     description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m simulations.experiments.merging",
+                    description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--out", default="runs/merging", help="results directory")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the config's seeds")
