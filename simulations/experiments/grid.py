@@ -9,8 +9,9 @@ The grid drivers (:mod:`~simulations.experiments.fedau`, :mod:`~simulations.expe
    ``base`` and the cell's overrides (:func:`merge`) and validated up front (:func:`validate_cell`:
    a bad cell fails before anything runs, the error names the cell);
 3. run the jobs ``--workers`` at a time in a spawned process pool (:func:`run_all`,
-   :func:`run_simulation`): a run directory with ``summary.json`` is finished and reused unless
-   ``--fresh``; ``--report-only`` runs nothing;
+   :func:`run_simulation`) through :mod:`simulations.gridrun`, the runner user sweeps share: a run
+   directory with ``summary.json`` is finished and reused unless ``--fresh``; ``--report-only``
+   runs nothing;
 4. report from the run directories: tables written into a docs page between markers
    (:func:`simulations.report.write_section`), figures (:func:`pyplot`, :func:`save_png`).
 
@@ -26,7 +27,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,13 +35,10 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations import gridrun
 from simulations.cli import Parser
+from simulations.gridrun import FAILED, SUMMARY, finished, read_summary  # noqa: F401 (drivers use grid.*)
 from simulations.report import mean_std, table
-
-SUMMARY = "summary.json"
-#: Written instead of ``summary.json`` by :func:`run_simulation` (``keep_failed=True``) when the
-#: runner stops a run early (``RunError``).
-FAILED = "failed.json"
 
 
 # ------------------------------------------------------------------------------ config
@@ -116,21 +113,6 @@ class GridJob:
 
 
 # ------------------------------------------------------------------------------ running
-def finished(run_dir: Path, failed: bool = False) -> bool:
-    """Whether the run in ``run_dir`` is done: it wrote ``summary.json`` or, with ``failed``,
-    ``failed.json`` (stopped early, see :func:`run_simulation`)."""
-    return (run_dir / SUMMARY).is_file() or (failed and (run_dir / FAILED).is_file())
-
-
-def read_summary(run_dir: Path, failed: bool = False) -> dict[str, Any]:
-    """The summary of a finished run plus ``reused: True``; with ``failed``, ``failed.json`` where
-    there is no ``summary.json``."""
-    path = run_dir / SUMMARY
-    if failed and not path.is_file():
-        path = run_dir / FAILED
-    return {**json.loads(path.read_text()), "reused": True}
-
-
 def quiet_logs(level: int = logging.WARNING, loggers: Sequence[str] = ("flwr",)) -> None:
     """Set ``loggers`` to ``level`` (Flower logs every round at INFO). Imports flwr first: its
     import sets its logger's level."""
@@ -159,23 +141,6 @@ def init_worker(thread_vars: Sequence[str] = (), level: int = logging.WARNING,
         except ImportError:  # pragma: no cover - optional
             pass
     quiet_logs(level, loggers)
-
-
-def _pool_worker(initializer: Callable[[], None]) -> None:
-    """Pool worker set-up: on Linux the worker gets SIGTERM when the process that started it
-    dies (``prctl(PR_SET_PDEATHSIG)``), so a grid stopped by ``kill PID`` does not leave
-    workers running its queue; then ``initializer()``."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - no prctl: nothing to arm
-            pass
-        if os.getppid() == 1:  # the parent died before prctl: stop now
-            os._exit(1)
-    initializer()
 
 
 def run_simulation(job: GridJob, fresh: bool = False, *,
@@ -248,54 +213,41 @@ def run_all(jobs: Sequence[GridJob], run_job: Callable[[Any, bool], dict[str, An
             keep_failed: bool = False, prepare: Callable[[list[Any]], None] | None = None,
             catch: tuple[type[BaseException], ...] = (),
             stale: Callable[[Any], bool] | None = None) -> dict[str, dict[str, Any]]:
-    """Run ``jobs`` (``workers`` at a time); ``{job.name: summary}``.
+    """Run ``jobs`` (``workers`` at a time) with :mod:`simulations.gridrun`; ``{job.name: summary}``.
 
-    Finished runs (:func:`finished`; ``keep_failed``: ``failed.json`` too) are reused unless
-    ``fresh``. ``prepare(todo)`` runs first, in this process, if anything is left to run. With
-    ``workers <= 1`` the jobs run here after ``initializer()``; otherwise in a pool of spawned
-    processes that each run ``initializer`` (``run_job`` and ``initializer`` must be module-level
-    functions). ``run_job(job, fresh)`` returns the summary echoed by ``line(i, total, job,
-    summary, elapsed seconds)``; an exception in ``catch`` is echoed as ``FAILED`` and the job is
-    left out of the result, any other propagates. A finished job for which ``stale(job)`` is true
-    (e.g. its ``config.yaml`` is not the job's config) is run again, as with ``fresh``.
+    Finished runs (:func:`~simulations.gridrun.finished`; ``keep_failed``: ``failed.json`` too)
+    are reused unless ``fresh``. ``prepare(todo)`` runs first, in this process, if anything is
+    left to run. With ``workers <= 1`` the jobs run here after ``initializer()``; otherwise in a
+    pool of spawned processes that each run ``initializer`` (``run_job`` and ``initializer`` must
+    be module-level functions). ``run_job(job, fresh)`` returns the summary echoed by ``line(i,
+    total, job, summary, elapsed seconds)``; an exception in ``catch`` is echoed as ``FAILED``
+    and the job is left out of the result, any other propagates. A finished job for which
+    ``stale(job)`` is true (e.g. its ``config.yaml`` is not the job's config) is run again, as
+    with ``fresh``.
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    todo = [j for j in jobs if fresh or not finished(j.run_dir, keep_failed)
-            or (stale is not None and stale(j))]
-    done = {j.name: read_summary(j.run_dir, keep_failed) for j in jobs if j not in todo}
-    redo = {j.name for j in todo if fresh or finished(j.run_dir, keep_failed)}
+    work = gridrun.plan(jobs, fresh, keep_failed, stale)
+    done = {j.name: read_summary(j.run_dir, keep_failed) for j in work.done}
     if done:
         echo(f"reusing {len(done)} finished runs")
-    if redo and not fresh:
-        echo(f"redoing {len(redo)} finished runs whose config changed")
-    if not todo:
+    if work.redo and not fresh:
+        echo(f"redoing {len(work.redo)} finished runs whose config changed")
+    if not work.todo:
         return done
     if prepare is not None:
-        prepare(todo)
+        prepare(work.todo)
     t0 = time.perf_counter()
 
     def record(i: int, job: GridJob, get: Callable[[], dict[str, Any]]) -> None:
         try:
             done[job.name] = s = get()
         except catch as exc:
-            echo(f"[{i}/{len(todo)}] {job.name}: FAILED ({exc})")
+            echo(f"[{i}/{len(work.todo)}] {job.name}: FAILED ({exc})")
             return
-        echo(line(i, len(todo), job, s, time.perf_counter() - t0))
+        echo(line(i, len(work.todo), job, s, time.perf_counter() - t0))
 
-    if workers <= 1:
-        initializer()
-        for i, job in enumerate(todo, 1):
-            record(i, job, lambda job=job: run_job(job, job.name in redo))
-        return done
-    import functools
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=functools.partial(_pool_worker, initializer)) as pool:
-        futures = {pool.submit(run_job, job, job.name in redo): job for job in todo}
-        for i, fut in enumerate(as_completed(futures), 1):
-            record(i, futures[fut], fut.result)
+    executor = (gridrun.serial(initializer) if workers <= 1
+                else gridrun.process_pool(workers, initializer))
+    gridrun.execute(work.todo, run_job, executor, record, work.redo)
     return done
 
 

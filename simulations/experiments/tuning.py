@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations import gridrun
 from simulations.report import mean_std
 
 #: Keys a method's ``tune`` grid may name.
@@ -117,7 +118,7 @@ def tuning_score(run_dir: Path, last: int) -> float:
     NaN for a run the runner stopped (no ``summary.json``)."""
     from simulations.experiments import grid
 
-    if not (run_dir / grid.SUMMARY).is_file():
+    if not gridrun.finished(run_dir):
         return float("nan")
     rounds, acc = grid.run_curve(run_dir)
     return late_mean(rounds, acc, last)
