@@ -131,3 +131,19 @@ def test_sweep_and_study_share_the_runner_and_resume(tmp_path, monkeypatch, caps
     got = grid.run_all(jobs, run_job, initializer=lambda: None, workers=1, echo=lines.append)
     assert executed == [["y"]]  # the second invocation ran nothing
     assert {k: v["reused"] for k, v in got.items()} == {"x": True, "y": True}
+
+
+def test_process_pool_runs_jobs_in_spawned_workers(tmp_path):
+    import os
+
+    # run_cell records a cell whose config is invalid as failed (cell.json), without training
+    jobs = [sweep_cli.CellJob(f"c{i}", tmp_path / f"c{i}", {"rounds": -1}) for i in range(3)]
+    got: dict[str, dict] = {}
+    gridrun.execute(jobs, sweep_cli.run_cell_job, gridrun.process_pool(2, os.getpid),
+                    lambda i, job, get: got.__setitem__(job.name, get()))
+    assert sorted(got) == ["c0", "c1", "c2"]
+    assert {v["status"] for v in got.values()} == {"failed"}
+    assert all(v["error"].startswith("ConfigError: rounds") for v in got.values()), got
+    pids = {v["pid"] for v in got.values()}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert all(json.loads((j.run_dir / "cell.json").read_text())["status"] == "failed" for j in jobs)
