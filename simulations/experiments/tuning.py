@@ -24,7 +24,7 @@ import numpy as np
 
 from fedagg.errors import ConfigError
 from simulations import gridrun
-from simulations.report import mean_std
+from simulations.report import mean_std, table
 
 #: Keys a method's ``tune`` grid may name.
 TUNABLE = ("lr", "server_lr")
@@ -172,8 +172,7 @@ def tuning_table(methods: Sequence[str], tuning: Mapping[str, Any]) -> str:
     the edge of the grid is marked †)."""
     cols = list(tuning)
     methods = [m for m in methods if m in tuning[cols[0]]]
-    lines = ["| method | tuned | values | " + " | ".join(cols) + " |",
-             "|---|---|---|" + "---|" * len(cols)]
+    rows = []
     for m in methods:
         c0 = tuning[cols[0]][m]
         cells = []
@@ -184,6 +183,5 @@ def tuning_table(methods: Sequence[str], tuning: Mapping[str, Any]) -> str:
                                 (f"**{100 * s:.1f}**" if v == c["chosen"] else f"{100 * s:.1f}")
                                 for v, s in zip(c["values"], c["scores"], strict=True))
             cells.append(f"**{c['chosen']:g}**{' †' if edge else ''} ({scores})")
-        lines.append(f"| {m} | `{c0['key']}` | {', '.join(f'{v:g}' for v in c0['values'])} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([m, f"`{c0['key']}`", ", ".join(f"{v:g}" for v in c0["values"]), *cells])
+    return table(["method", "tuned", "values", *cols], rows)
