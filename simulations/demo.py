@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from simulations.cli import Parser
+
 #: The demo's run config (keys as in docs/quickstart.md); one run per strategy in ``STRATEGIES``.
 SETTING: dict[str, Any] = {
     "num_clients": 100, "partition": "dirichlet", "alpha": 0.1, "dataset": "mnist1d",
@@ -40,8 +42,8 @@ def late_mean(rows: Sequence[dict[str, Any]], last: int = LAST) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m simulations.demo", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="folder for the three runs and the figure")
     parser.add_argument("--rounds", type=int, default=SETTING["rounds"], help="rounds per run")
     args = parser.parse_args(argv)

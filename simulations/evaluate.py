@@ -22,13 +22,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedagg.errors import ConfigError
+from simulations.cli import Parser
 
 __all__ = ["Evaluation", "evaluate_run", "load_run", "main"]
 
@@ -159,15 +160,10 @@ def evaluate_run(run_dir: str | Path, batch_size: int = 256, limit: int | None =
 
 
 # ------------------------------------------------------------------------------------------ CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m simulations.evaluate",
-                description="Evaluate a saved run (config.yaml + model.safetensors) on the server "
-                            "test set, per instance.")
+    p = Parser(prog="python -m simulations.evaluate",
+               description="Evaluate a saved run (config.yaml + model.safetensors) on the server "
+                           "test set, per instance.")
     p.add_argument("run_dir", help="run directory written by python -m simulations.run")
     p.add_argument("--per-domain", action="store_true", help="accuracy per domain")
     p.add_argument("--slots", action="store_true",

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fedagg.errors import ConfigError
+from simulations.cli import Parser
 
 BEGIN = "FEDAGG-RUNDIR-BEGIN"
 LINE = "FEDAGG-RUNDIR"
@@ -209,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         own, run_args = argv, []
     else:
         own, run_args = [], argv
-    parser = argparse.ArgumentParser(prog="python -m simulations.job", description=__doc__,
-                                     usage="python -m simulations.job [options] -- <simulations.run args>",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m simulations.job", description=__doc__,
+                    usage="python -m simulations.job [options] -- <simulations.run args>",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-bytes", type=int, default=MAX_BYTES,
                         help=f"cap on the packed run directory printed to the log (default {MAX_BYTES})")
     parser.add_argument("--default-out", default=None, help="run directory when the run sets none")

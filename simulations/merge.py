@@ -44,12 +44,13 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedagg.errors import ConfigError, unknown_name
+from simulations.cli import Parser
 
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "evaluation", "validation",
             "output", "scores")
@@ -475,11 +476,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
-        self.exit(2, f"error: {message}\n")
-
-
 def _epilog() -> str:
     from fedagg import merging
 
@@ -488,7 +484,7 @@ def _epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m simulations.merge",
         description="Merge .safetensors models offline (mergekit-style YAML: merge_method, models "
         "with per-model parameters, global parameters, base_model, evaluation/validation data). "

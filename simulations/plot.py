@@ -31,12 +31,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import yaml
 
 from fedagg.errors import ConfigError
+from simulations.cli import Parser
 from simulations.results import read_metrics
 
 #: Axis labels (with units) for known metrics and x-axes.
@@ -476,14 +477,9 @@ def save_figure(fig: Any, out: str | Path) -> list[Path]:
     return paths
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m simulations.plot", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m simulations.plot", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories (or directories holding runs)")
     parser.add_argument("--metric", default="test_accuracy", help="metrics.csv column (default test_accuracy)")
     parser.add_argument("--x", default="round", help="x axis: round (default), seconds or any column")

@@ -17,22 +17,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from fedagg.errors import ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
+from simulations.cli import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fedagg.models.backbone import backbone_names
 
-    p = _Parser(prog="python -m simulations.pretrain",
-                description="Pretrain a project backbone on its source domain (canonical MNIST-1D, "
-                            "its own data seed) and cache it.")
+    p = Parser(prog="python -m simulations.pretrain",
+               description="Pretrain a project backbone on its source domain (canonical MNIST-1D, "
+                           "its own data seed) and cache it.")
     p.add_argument("--backbone", default="mnist1d-transformer",
                    help=f"backbone with a pretraining recipe ({', '.join(backbone_names())})")
     p.add_argument("--quick", action="store_true",

@@ -25,11 +25,12 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import Any, NoReturn  # noqa: E402
+from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
 from fedagg.errors import ConfigError  # noqa: E402
+from simulations.cli import Parser  # noqa: E402
 from simulations.config import ENGINES  # noqa: E402
 
 #: (flag, config key, help). Values are parsed as YAML scalars and validated by the config schema.
@@ -70,11 +71,6 @@ NAME_KEYS = frozenset({"strategy", "dataset", "partition", "model", "engine", "o
                        "aggregator", "participation.process", "ray.address"})
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
-        self.exit(2, f"error: {message}\n")
-
-
 def _epilog() -> str:
     """The allowed names of every family, from the registries."""
     import textwrap
@@ -112,7 +108,7 @@ def _with_default(key: str, help_text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m simulations.run",
         description="Run a federated simulation and write its run directory "
         "(config.yaml, metrics.csv, model.safetensors, summary.json).",

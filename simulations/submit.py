@@ -39,9 +39,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from fedagg.errors import ConfigError
+from simulations.cli import Parser
 from simulations.job import LINE, FetchError, extract_archive, resolve_run_args, unpack_dir
 
 #: Never shipped with the working directory (besides what .gitignore files exclude).
@@ -68,15 +69,10 @@ _ENV_PROBE = (
 _RAY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d [\d:,]+\s+[A-Z]+ |Running entrypoint for job )")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m simulations.submit", description=__doc__,
-                usage="python -m simulations.submit --address URL [options] -- <simulations.run args>",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m simulations.submit", description=__doc__,
+               usage="python -m simulations.submit --address URL [options] -- <simulations.run args>",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", required=True,
                    help="the cluster's job API (dashboard), e.g. http://127.0.0.1:8265")
     p.add_argument("--fetch", metavar="SUBMISSION_ID", default=None,

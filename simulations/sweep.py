@@ -21,9 +21,10 @@ Output, in ``out`` (default ``runs/sweeps/<file name>``)::
     results.csv      # tidy: one row per cell × metrics row; cell, grid keys, then metrics columns
     plot.png, .pdf   # the summary plot (one panel per value of plot.panel_by)
 
-Resumable: a cell whose ``summary.json`` exists is skipped (after checking that its config is the one
-the sweep asks for; ``--rerun`` runs every cell again); a cell that failed or was interrupted runs
-again. Invalid input (bad sweep key or any invalid cell config) exits 2 with one line naming the key,
+Cells run through :mod:`simulations.gridrun`, the grid runner the study drivers
+(:mod:`simulations.experiments`) use too. Resumable: a cell whose ``summary.json`` exists is
+skipped (after checking that its config is the one the sweep asks for; ``--rerun`` runs every cell
+again); a cell that failed or was interrupted runs again. Invalid input (bad sweep key or any invalid cell config) exits 2 with one line naming the key,
 before anything is written. A failing cell writes ``error.txt`` in its directory; the other cells go
 on, and the sweep exits 1 at the end with a summary of the failures.
 """
@@ -39,13 +40,16 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 from fedagg.errors import ConfigError
+from simulations import gridrun
+from simulations.cli import Parser
 from simulations.results import BASE_COLUMNS, _fmt, atomic_write_text, read_metrics
 from simulations.sweep_grid import Cell, Sweep, config_difference, load_sweep
 
@@ -77,10 +81,28 @@ def run_cell(config: dict[str, Any], cell_dir: str, name: str) -> dict[str, Any]
     return info
 
 
+@dataclass(frozen=True)
+class CellJob:
+    """One cell as a :class:`simulations.gridrun.Job`: plain data (it travels to Ray tasks)."""
+
+    name: str
+    run_dir: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, cell: Cell) -> CellJob:
+        return cls(cell.name, cell.dir, cell.data)
+
+
+def run_cell_job(job: CellJob, fresh: bool = False) -> dict[str, Any]:
+    """:func:`run_cell` as a grid runner job (a cell always starts its run afresh)."""
+    return run_cell(job.config, str(job.run_dir), job.name)
+
+
 # ------------------------------------------------------------------------------ state
 def cell_state(cell: Cell) -> str:
     """``done`` (summary.json exists), ``failed`` (error.txt), ``partial`` (started) or ``todo``."""
-    if (cell.dir / "summary.json").exists():
+    if gridrun.finished(cell.dir):
         return "done"
     if (cell.dir / "error.txt").exists():
         return "failed"
@@ -204,18 +226,37 @@ def _report(i: int, n: int, info: dict[str, Any]) -> None:
     print(f"[{i}/{n}] {info['name']}: {what} ({info.get('seconds', 0.0):.1f} s)", flush=True)
 
 
-def run_serial(cells: list[Cell]) -> dict[str, dict[str, Any]]:
-    """Run ``cells`` one after another in this process (no Ray)."""
-    infos = {}
-    for i, c in enumerate(cells, 1):
-        infos[c.name] = run_cell(c.data, str(c.dir), c.name)
-        _report(i, len(cells), infos[c.name])
+def _on_done(sweep: Sweep, infos: dict[str, dict[str, Any]], n: int
+             ) -> Callable[[int, CellJob, Callable[[], dict[str, Any]]], None]:
+    """Record each finished cell: its info (a crashed task: ``error.txt``), a progress line and
+    ``sweep.json``."""
+    def record(i: int, job: CellJob, get: Callable[[], dict[str, Any]]) -> None:
+        try:
+            info = get()
+        except Exception as exc:  # the worker died (OOM, killed): record it here
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(job.run_dir / "error.txt", f"{type(exc).__name__}: {exc}\n")
+            info = {"name": job.name, "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        infos[job.name] = info
+        _report(i, n, info)
+        write_state(sweep, infos)
+
+    return record
+
+
+def run_serial(sweep: Sweep, jobs: list[CellJob]) -> dict[str, dict[str, Any]]:
+    """Run the cells of ``jobs`` one after another in this process (no Ray)."""
+    infos: dict[str, dict[str, Any]] = {}
+    start_sweep_dir(sweep)
+    gridrun.execute(jobs, run_cell_job, gridrun.serial(), _on_done(sweep, infos, len(jobs)))
     return infos
 
 
-def run_ray(sweep: Sweep, cells: list[Cell], address: str | None, max_parallel: int | None
+def run_ray(sweep: Sweep, jobs: list[CellJob], address: str | None, max_parallel: int | None
             ) -> dict[str, dict[str, Any]]:
-    """Run ``cells`` as Ray tasks (≤ ``max_parallel`` in flight); a crashed task is recorded."""
+    """Run the cells of ``jobs`` as Ray tasks (≤ ``max_parallel`` in flight); a crashed task is
+    recorded as a failed cell."""
     from simulations.config import RayConfig
     from simulations.engine import ray_session
 
@@ -223,43 +264,14 @@ def run_ray(sweep: Sweep, cells: list[Cell], address: str | None, max_parallel: 
     with ray_session(RayConfig(address=address)) as ray:
         _check_resources(ray, sweep)
         start_sweep_dir(sweep)
-        task = ray.remote(max_retries=0)(run_cell).options(**sweep.spec.cell_resources.ray_options())
-        limit = max_parallel or len(cells)
-        pending = list(cells)
-        inflight: dict[Any, Cell] = {}
-        try:
-            while pending or inflight:
-                while pending and len(inflight) < limit:
-                    c = pending.pop(0)
-                    inflight[task.remote(c.data, str(c.dir), c.name)] = c
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in ready:
-                    c = inflight.pop(ref)
-                    try:
-                        info = ray.get(ref)
-                    except Exception as exc:  # the worker died (OOM, killed): record it here
-                        c.dir.mkdir(parents=True, exist_ok=True)
-                        atomic_write_text(c.dir / "error.txt", f"{type(exc).__name__}: {exc}\n")
-                        info = {"name": c.name, "status": "failed",
-                                "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-                    infos[c.name] = info
-                    _report(len(infos), len(cells), info)
-                    write_state(sweep, infos)
-        except KeyboardInterrupt:
-            for ref in inflight:
-                ray.cancel(ref, force=True)
-            raise
+        tasks = gridrun.ray_tasks(ray, sweep.spec.cell_resources.ray_options(), max_parallel)
+        gridrun.execute(jobs, run_cell_job, tasks, _on_done(sweep, infos, len(jobs)))
     return infos
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m simulations.sweep", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m simulations.sweep", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML file (base, grid, out, cell_resources, max_parallel, plot)")
     p.add_argument("--out", default=None, help="sweep directory (overrides the file's out)")
     p.add_argument("--max-parallel", type=int, default=None, help="cells at once (overrides the file)")
@@ -295,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in dict.fromkeys(w for c in sweep.cells for w in config_warnings(c.config)):
         print(f"warning: {line}", file=sys.stderr)
     states = {c.name: cell_state(c) for c in sweep.cells}
-    todo = [c for c in sweep.cells if args.rerun or states[c.name] != "done"]
-    skipped = len(sweep.cells) - len(todo)
+    work = gridrun.plan([CellJob.of(c) for c in sweep.cells], fresh=args.rerun)
+    todo, skipped = work.todo, len(work.done)
     print(f"sweep {sweep.out}: {len(sweep.cells)} cells ({' × '.join(str(len(v)) for v in sweep.spec.grid.values())}"
           f" over {', '.join(sweep.keys)}); {len(todo)} to run, {skipped} skipped (finished)", flush=True)
     if args.dry_run:
@@ -311,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if todo and not args.serial:
                 infos = run_ray(sweep, todo, args.ray_address, args.max_parallel or sweep.spec.max_parallel)
             else:
-                start_sweep_dir(sweep)
-                infos = run_serial(todo)
+                infos = run_serial(sweep, todo)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

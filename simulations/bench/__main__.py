@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import pkgutil
 import sys
@@ -10,7 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import simulations.bench as pkg
-from simulations.bench.report import DEFAULT_DOC, write_section
+from simulations.bench.report import DEFAULT_DOC, HEADER
+from simulations.cli import Parser
+from simulations.report import write_section
 
 _NOT_BENCHES = {"report", "__main__"}
 
@@ -23,7 +24,7 @@ def bench_names() -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     names = bench_names()
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__)
+    parser = Parser(prog="python -m simulations.bench", description=__doc__)
     parser.add_argument("name", choices=names, help="benchmark to run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--doc", default=str(DEFAULT_DOC), help="markdown file to update")
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(f"simulations.bench.{args.name}")
     markdown = module.run()
     if not args.no_write:
-        path = write_section(args.name, markdown, args.doc)
+        path = write_section(args.doc, markdown.strip(), f"bench:{args.name}", empty=HEADER)
         print(f"recorded in {path}")
     return 0
 

@@ -19,7 +19,6 @@ nothing here is asserted.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 
 from fedagg.aggregators import build
 from fedagg.aggregators._common import gram
+from simulations.cli import Parser
 
 N, F = 15, 3
 #: (label, aggregator name, params). Rules that do not declare f are built without it.
@@ -177,7 +177,7 @@ def run(out_md: str | None = None, *, dims: tuple[int, ...] = (100_000, 1_000_00
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="also write the markdown section here")
     parser.add_argument("--dims", default="100000,1000000", help="comma-separated d values")
     parser.add_argument("--repeats", type=int, default=5)

@@ -12,7 +12,6 @@ markdown section; nothing here is asserted.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
@@ -22,6 +21,7 @@ import numpy as np
 
 from fedagg.fedau import FedAUWeights
 from fedagg.participation import build_process, participation_rng
+from simulations.cli import Parser
 
 
 def _mib(nbytes: float) -> str:
@@ -115,7 +115,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="write the markdown section to this file")
     parser.add_argument("--clients", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=1_000)

@@ -41,6 +41,7 @@ import yaml
 from fedagg.errors import ConfigError
 from simulations.experiments import grid
 from simulations.experiments import tuning as tuning_lib
+from simulations.report import write_section
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedau_mnist1d.yaml"
 MARK = "fedau:results"
@@ -357,12 +358,6 @@ def _per_seed_text(results: Mapping[str, Any], pattern: str, a: str, b: str) -> 
                      for s, x in zip(common, g, strict=True))
 
 
-def _gap_text(g: np.ndarray | None) -> str:
-    if g is None or g.size == 0:
-        return "–"
-    return f"{g.mean():+.1f} ± {g.std(ddof=1):.1f}" if g.size > 1 else f"{g.mean():+.1f}"
-
-
 def claims(results: Mapping[str, Any], patterns: Sequence[str],
            baselines: Sequence[str] = ("fedavg-participating", "fedavg-all"),
            ) -> list[tuple[str, str, str]]:
@@ -376,7 +371,7 @@ def claims(results: Mapping[str, Any], patterns: Sequence[str],
 
     def per_pattern(a: str, b: str) -> tuple[str, dict[str, np.ndarray]]:
         gaps = {p: g for p in patterns if (g := paired_gap(results, p, a, b)) is not None}
-        return ", ".join(f"{p} {_gap_text(g)}" for p, g in gaps.items()), gaps
+        return ", ".join(f"{p} {tuning_lib.gap_text(g)}" for p, g in gaps.items()), gaps
 
     for base in baselines:
         text, gaps = per_pattern("fedau", base)
@@ -487,7 +482,7 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[s
     lines += ["| pattern | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
               "|---|" + "---:|" * len(pairs)]
     for p in results:
-        lines.append(f"| {p} | " + " | ".join(_gap_text(paired_gap(results, p, a, b))
+        lines.append(f"| {p} | " + " | ".join(tuning_lib.gap_text(paired_gap(results, p, a, b))
                                               for a, b in pairs) + " |")
     lines += ["", "| pattern | " + " | ".join(f"{a} − {b}, per seed" for a, b in pairs) + " |",
               "|---|" + "---|" * len(pairs)]
@@ -712,8 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_convergence(results, list(exp["methods"]), figures / "fedau_convergence.png")
     plot_weights(exp, out, figures / "fedau_weights.png")
     if docs is not None:
-        grid.write_section(docs, head, CLAIMS_MARK)
-        grid.write_section(docs, text, MARK)
+        write_section(docs, head, CLAIMS_MARK)
+        write_section(docs, text, MARK)
         echo(f"wrote {docs}")
     echo(f"figures in {figures}; results in {out / 'results.json'}")
     echo(yaml.safe_dump({"weights": stats}, sort_keys=False))

@@ -40,6 +40,7 @@ import numpy as np
 
 from fedagg.errors import ConfigError
 from simulations.experiments import grid, tuning
+from simulations.report import mean_std, table, write_section
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedins_mnist1d.yaml"
 MARK = "fedins:results"
@@ -479,9 +480,8 @@ def claims_report(exp: Mapping[str, Any], results: Mapping[str, Any],
         f"{exp['base']['rounds']} rounds, learning rates tuned per method on seed "
         f"{exp['tuning']['seed'] if exp.get('tuning') else '–'}.",
         "",
-        "| paper's claim | our number (points) | verdict |",
-        "|---|---|---|",
-        *(f"| {c} | {n} | {v} |" for c, n, v in claims(exp, results, backbone_params)),
+        table(["paper's claim", "our number (points)", "verdict"],
+              claims(exp, results, backbone_params)),
     ]
     return "\n".join(lines)
 
@@ -493,8 +493,7 @@ def comm_table(results: Mapping[str, Any], methods: Sequence[str],
     lv = next(iter(results))
     cells = results[lv]
     n = int(np.mean(next(iter(cells.values()))["clients"]))
-    lines = ["| method | scalars sent per client | bytes down / client | bytes down + up per round "
-             f"({n} clients) | vs full backbone |", "|---|---:|---:|---:|---:|"]
+    rows = []
     for m in methods:
         if m not in cells:
             continue
@@ -503,9 +502,10 @@ def comm_table(results: Mapping[str, Any], methods: Sequence[str],
         both = np.mean(c["bytes_down"]) + np.mean(c["bytes_up"])
         ratio = (f"{100 * c['federated_scalars'][0] / backbone_params:.1f} %"
                  if backbone_params else "–")
-        lines.append(f"| {m} | {c['federated_scalars'][0]:,} | {per_client:,.0f} | {both:,.0f} | "
-                     f"{ratio} |")
-    return "\n".join(lines)
+        rows.append([m, f"{c['federated_scalars'][0]:,}", f"{per_client:,.0f}", f"{both:,.0f}",
+                     ratio])
+    return table(["method", "scalars sent per client", "bytes down / client",
+                  f"bytes down + up per round ({n} clients)", "vs full backbone"], rows, "lrrrr")
 
 
 def domain_table(results: Mapping[str, Any], level: str, methods: Sequence[str]) -> str:
@@ -513,14 +513,9 @@ def domain_table(results: Mapping[str, Any], level: str, methods: Sequence[str])
     cells = results[level]
     domains = sorted({d for m in methods if m in cells for pd in cells[m]["per_domain"] for d in pd},
                      key=int)
-    lines = ["| method | " + " | ".join(f"domain {d}" for d in domains) + " |",
-             "|---|" + "---:|" * len(domains)]
-    for m in methods:
-        if m not in cells:
-            continue
-        row = [grid.pm([pd[d] for pd in cells[m]["per_domain"]]) for d in domains]
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    rows = [[m, *(mean_std([pd[d] for pd in cells[m]["per_domain"]], scale=100) for d in domains)]
+            for m in methods if m in cells]
+    return table(["method", *(f"domain {d}" for d in domains)], rows, "l" + "r" * len(domains))
 
 
 def slot_overlap(hist: np.ndarray) -> np.ndarray:
@@ -529,11 +524,6 @@ def slot_overlap(hist: np.ndarray) -> np.ndarray:
     k = hist.sum(axis=1, keepdims=True)
     p = hist / np.where(k > 0, k, 1)
     return np.minimum(p[:, None, :], p[None, :, :]).sum(axis=2)
-
-
-def _mean_std(values: Sequence[float], fmt: str = ".2f") -> str:
-    v = np.asarray(values, dtype=np.float64)
-    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if v.size > 1 else f"{v.mean():{fmt}}"
 
 
 def routing_table(results: Mapping[str, Any], method: str = "fedins") -> str:
@@ -552,12 +542,12 @@ def routing_table(results: Mapping[str, Any], method: str = "fedins") -> str:
         ov = [float(slot_overlap(np.asarray(r["slot_histogram"]))[
             ~np.eye(len(r["slot_histogram"]), dtype=bool)].mean()) for r in rs]
         lines.append(
-            f"| {lv} | {_mean_std([r['slots_used'] for r in rs], '.1f')} of {n} | "
-            f"{_mean_std([r['effective_slots'] for r in rs], '.1f')} | "
-            f"{_mean_std([np.mean(r['domain_effective_slots']) for r in rs], '.1f')} | "
-            f"{_mean_std([r['domain_purity'] for r in rs])} ({rs[0]['domain_chance']:.2f}) | "
-            f"{_mean_std([r['class_purity'] for r in rs])} ({rs[0]['class_chance']:.2f}) | "
-            f"{_mean_std([r['kept_from_init'] for r in rs])} | {_mean_std(ov)} |")
+            f"| {lv} | {mean_std([r['slots_used'] for r in rs], 1)} of {n} | "
+            f"{mean_std([r['effective_slots'] for r in rs], 1)} | "
+            f"{mean_std([np.mean(r['domain_effective_slots']) for r in rs], 1)} | "
+            f"{mean_std([r['domain_purity'] for r in rs], 2)} ({rs[0]['domain_chance']:.2f}) | "
+            f"{mean_std([r['class_purity'] for r in rs], 2)} ({rs[0]['class_chance']:.2f}) | "
+            f"{mean_std([r['kept_from_init'] for r in rs], 2)} | {mean_std(ov, 2)} |")
     return "\n".join(lines)
 
 
@@ -626,11 +616,9 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuned: Mapping[st
     pairs = [p for p in pairs if p[1] is not None]
     if pairs:
         lines += ["**FedIns − SSF** (points, paired by seed):", "",
-                  "| level | last-rounds mean | per seed | best over rounds | per seed |",
-                  "|---|---:|---|---:|---|"]
-        lines += [f"| {lv} | {tuning.gap_text(g)} | {_seeds_text(g)} | {tuning.gap_text(b)} | "
-                  f"{_seeds_text(b)} |" for lv, g, b in pairs]
-        lines.append("")
+                  table(["level", "last-rounds mean", "per seed", "best over rounds", "per seed"],
+                        [[lv, tuning.gap_text(g), _seeds_text(g), tuning.gap_text(b),
+                          _seeds_text(b)] for lv, g, b in pairs], "lrlrl"), ""]
     gone = [f"{lv}/{m} seed {s}" for lv in results for m in methods
             for s in collapsed_seeds(results, lv, m)]
     lines += ["Collapsed runs (the headline below half of the run's best accuracy, or a "
@@ -638,14 +626,12 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuned: Mapping[st
     e0 = rounds - gap
     lines += [f"**Plateau check**: the headline minus the mean over rounds {e0 - last + 1}–{e0} "
               "(the evaluated ones), mean ± std over seeds, points; near 0 means the run has "
-              "levelled off:", "",
-              "| method | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
-    for m in methods:
-        cells = [("–" if m not in results[lv] else
-                  tuning.gap_text(100 * np.subtract(results[lv][m]["headline"],
-                                                    results[lv][m]["earlier"])))
-                 for lv in results]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+              "levelled off:", ""]
+    plateau = [[m, *("–" if m not in results[lv] else
+                     tuning.gap_text(100 * np.subtract(results[lv][m]["headline"],
+                                                       results[lv][m]["earlier"]))
+                     for lv in results)] for m in methods]
+    lines.append(table(["method", *results], plateau, "l" + "r" * len(results)))
     top = list(results)[-1]
     lines += ["", f"**Per-domain accuracy (%)** of the final models at {top}:", "",
               domain_table(results, top, methods), ""]
@@ -803,8 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_convergence(results, list(exp["methods"]), figures / "fedins_convergence.png")
     plot_slots(results, figures / "fedins_slots.png")
     if docs is not None:
-        grid.write_section(docs, head, CLAIMS_MARK)
-        grid.write_section(docs, text, MARK)
+        write_section(docs, head, CLAIMS_MARK)
+        write_section(docs, text, MARK)
         echo(f"wrote {docs}")
     echo(f"figures in {figures}; results in {out / 'results.json'}")
     return 0

@@ -9,10 +9,11 @@ The grid drivers (:mod:`~simulations.experiments.fedau`, :mod:`~simulations.expe
    ``base`` and the cell's overrides (:func:`merge`) and validated up front (:func:`validate_cell`:
    a bad cell fails before anything runs, the error names the cell);
 3. run the jobs ``--workers`` at a time in a spawned process pool (:func:`run_all`,
-   :func:`run_simulation`): a run directory with ``summary.json`` is finished and reused unless
-   ``--fresh``; ``--report-only`` runs nothing;
+   :func:`run_simulation`) through :mod:`simulations.gridrun`, the runner user sweeps share: a run
+   directory with ``summary.json`` is finished and reused unless ``--fresh``; ``--report-only``
+   runs nothing;
 4. report from the run directories: tables written into a docs page between markers
-   (:func:`write_section`), figures (:func:`pyplot`, :func:`save_png`).
+   (:func:`simulations.report.write_section`), figures (:func:`pyplot`, :func:`save_png`).
 
 Each driver keeps its own axes, run-directory layout, CLI extras, tables and figures;
 :mod:`~simulations.experiments.merging` uses the run-directory and figure helpers.
@@ -26,7 +27,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
-
-SUMMARY = "summary.json"
-#: Written instead of ``summary.json`` by :func:`run_simulation` (``keep_failed=True``) when the
-#: runner stops a run early (``RunError``).
-FAILED = "failed.json"
+from simulations import gridrun
+from simulations.cli import Parser
+from simulations.gridrun import FAILED, SUMMARY, finished, read_summary  # noqa: F401 (drivers use grid.*)
+from simulations.report import mean_std, table
 
 
 # ------------------------------------------------------------------------------ config
@@ -114,21 +113,6 @@ class GridJob:
 
 
 # ------------------------------------------------------------------------------ running
-def finished(run_dir: Path, failed: bool = False) -> bool:
-    """Whether the run in ``run_dir`` is done: it wrote ``summary.json`` or, with ``failed``,
-    ``failed.json`` (stopped early, see :func:`run_simulation`)."""
-    return (run_dir / SUMMARY).is_file() or (failed and (run_dir / FAILED).is_file())
-
-
-def read_summary(run_dir: Path, failed: bool = False) -> dict[str, Any]:
-    """The summary of a finished run plus ``reused: True``; with ``failed``, ``failed.json`` where
-    there is no ``summary.json``."""
-    path = run_dir / SUMMARY
-    if failed and not path.is_file():
-        path = run_dir / FAILED
-    return {**json.loads(path.read_text()), "reused": True}
-
-
 def quiet_logs(level: int = logging.WARNING, loggers: Sequence[str] = ("flwr",)) -> None:
     """Set ``loggers`` to ``level`` (Flower logs every round at INFO). Imports flwr first: its
     import sets its logger's level."""
@@ -157,23 +141,6 @@ def init_worker(thread_vars: Sequence[str] = (), level: int = logging.WARNING,
         except ImportError:  # pragma: no cover - optional
             pass
     quiet_logs(level, loggers)
-
-
-def _pool_worker(initializer: Callable[[], None]) -> None:
-    """Pool worker set-up: on Linux the worker gets SIGTERM when the process that started it
-    dies (``prctl(PR_SET_PDEATHSIG)``), so a grid stopped by ``kill PID`` does not leave
-    workers running its queue; then ``initializer()``."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - no prctl: nothing to arm
-            pass
-        if os.getppid() == 1:  # the parent died before prctl: stop now
-            os._exit(1)
-    initializer()
 
 
 def run_simulation(job: GridJob, fresh: bool = False, *,
@@ -246,54 +213,41 @@ def run_all(jobs: Sequence[GridJob], run_job: Callable[[Any, bool], dict[str, An
             keep_failed: bool = False, prepare: Callable[[list[Any]], None] | None = None,
             catch: tuple[type[BaseException], ...] = (),
             stale: Callable[[Any], bool] | None = None) -> dict[str, dict[str, Any]]:
-    """Run ``jobs`` (``workers`` at a time); ``{job.name: summary}``.
+    """Run ``jobs`` (``workers`` at a time) with :mod:`simulations.gridrun`; ``{job.name: summary}``.
 
-    Finished runs (:func:`finished`; ``keep_failed``: ``failed.json`` too) are reused unless
-    ``fresh``. ``prepare(todo)`` runs first, in this process, if anything is left to run. With
-    ``workers <= 1`` the jobs run here after ``initializer()``; otherwise in a pool of spawned
-    processes that each run ``initializer`` (``run_job`` and ``initializer`` must be module-level
-    functions). ``run_job(job, fresh)`` returns the summary echoed by ``line(i, total, job,
-    summary, elapsed seconds)``; an exception in ``catch`` is echoed as ``FAILED`` and the job is
-    left out of the result, any other propagates. A finished job for which ``stale(job)`` is true
-    (e.g. its ``config.yaml`` is not the job's config) is run again, as with ``fresh``.
+    Finished runs (:func:`~simulations.gridrun.finished`; ``keep_failed``: ``failed.json`` too)
+    are reused unless ``fresh``. ``prepare(todo)`` runs first, in this process, if anything is
+    left to run. With ``workers <= 1`` the jobs run here after ``initializer()``; otherwise in a
+    pool of spawned processes that each run ``initializer`` (``run_job`` and ``initializer`` must
+    be module-level functions). ``run_job(job, fresh)`` returns the summary echoed by ``line(i,
+    total, job, summary, elapsed seconds)``; an exception in ``catch`` is echoed as ``FAILED``
+    and the job is left out of the result, any other propagates. A finished job for which
+    ``stale(job)`` is true (e.g. its ``config.yaml`` is not the job's config) is run again, as
+    with ``fresh``.
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    todo = [j for j in jobs if fresh or not finished(j.run_dir, keep_failed)
-            or (stale is not None and stale(j))]
-    done = {j.name: read_summary(j.run_dir, keep_failed) for j in jobs if j not in todo}
-    redo = {j.name for j in todo if fresh or finished(j.run_dir, keep_failed)}
+    work = gridrun.plan(jobs, fresh, keep_failed, stale)
+    done = {j.name: read_summary(j.run_dir, keep_failed) for j in work.done}
     if done:
         echo(f"reusing {len(done)} finished runs")
-    if redo and not fresh:
-        echo(f"redoing {len(redo)} finished runs whose config changed")
-    if not todo:
+    if work.redo and not fresh:
+        echo(f"redoing {len(work.redo)} finished runs whose config changed")
+    if not work.todo:
         return done
     if prepare is not None:
-        prepare(todo)
+        prepare(work.todo)
     t0 = time.perf_counter()
 
     def record(i: int, job: GridJob, get: Callable[[], dict[str, Any]]) -> None:
         try:
             done[job.name] = s = get()
         except catch as exc:
-            echo(f"[{i}/{len(todo)}] {job.name}: FAILED ({exc})")
+            echo(f"[{i}/{len(work.todo)}] {job.name}: FAILED ({exc})")
             return
-        echo(line(i, len(todo), job, s, time.perf_counter() - t0))
+        echo(line(i, len(work.todo), job, s, time.perf_counter() - t0))
 
-    if workers <= 1:
-        initializer()
-        for i, job in enumerate(todo, 1):
-            record(i, job, lambda job=job: run_job(job, job.name in redo))
-        return done
-    import functools
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=functools.partial(_pool_worker, initializer)) as pool:
-        futures = {pool.submit(run_job, job, job.name in redo): job for job in todo}
-        for i, fut in enumerate(as_completed(futures), 1):
-            record(i, futures[fut], fut.result)
+    executor = (gridrun.serial(initializer) if workers <= 1
+                else gridrun.process_pool(workers, initializer))
+    gridrun.execute(work.todo, run_job, executor, record, work.redo)
     return done
 
 
@@ -316,47 +270,23 @@ def train_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir) if r.get("phase") == "train"]
 
 
-def pm(values: Sequence[float], scale: float = 100.0) -> str:
-    """``mean ± std`` (ddof 1) of ``scale · values``, one decimal; the mean alone for one value,
-    ``–`` for none."""
-    v = scale * np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return "–"
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
-
-
 def method_table(results: Mapping[str, Any], methods: Sequence[str], key: str = "final") -> str:
     """Markdown table of ``results[column][method][key]``: rows = methods, columns = the keys of
-    ``results``, cells mean ± std over seeds (%, :func:`pm`), the best mean of each column bold."""
+    ``results``, cells mean ± std over seeds (%, :func:`~simulations.report.mean_std`), the best
+    mean of each column bold."""
     columns = list(results)
-    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     best = {}
     for col in columns:
         means = {m: float(np.mean(results[col][m][key])) for m in methods if m in results[col]}
         best[col] = max(means, key=means.__getitem__) if means else None
+    rows = []
     for m in methods:
         cells = []
         for col in columns:
-            text = pm(results[col][m][key]) if m in results[col] else "–"
+            text = mean_std(results[col][m][key], scale=100) if m in results[col] else "–"
             cells.append(f"**{text}**" if best[col] == m else text)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_section(doc: Path, text: str, mark: str, empty: str = "") -> None:
-    """Replace the text between ``<!-- mark -->`` and ``<!-- /mark -->`` of ``doc`` by ``text``,
-    or append the marked section (a missing page starts as ``empty``); written atomically."""
-    from simulations.results import atomic_write_text
-
-    start, end = f"<!-- {mark} -->", f"<!-- /{mark} -->"
-    body = doc.read_text() if doc.is_file() else empty
-    if start in body and end in body:
-        head, rest = body.split(start, 1)
-        _, tail = rest.split(end, 1)
-        body = f"{head}{start}\n{text}\n{end}{tail}"
-    else:
-        body = f"{body.rstrip()}\n\n{start}\n{text}\n{end}\n"
-    atomic_write_text(doc, body)
+        rows.append([m, *cells])
+    return table(["method", *columns], rows, "l" + "r" * len(columns))
 
 
 # ------------------------------------------------------------------------------ figures
@@ -387,7 +317,7 @@ def grid_parser(module: str, doc: str, config: Path, *, docs_help: str, figures_
     """The common flags of a grid driver ``python -m <module>`` (description: the first
     paragraph of ``doc``): ``--config --quick --out --docs --figures --workers --fresh
     --report-only``; the driver adds its own and resolves the paths (:func:`output_paths`)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser = Parser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
     parser.add_argument("--config", default=str(config), help="experiment YAML")
     parser.add_argument("--quick", action="store_true", help="apply the config's quick section")
     parser.add_argument("--out", default=None, help="root of the run directories")

@@ -17,7 +17,7 @@ Per seed (``seeds`` in the config):
    same random initial model.
 
 Results go to ``--out`` (run directories, merged models, ``results.json``); with ``--docs`` the
-tables (mean ± std over seeds) are written into the docs page between
+tables (mean ± sample std over seeds, :func:`simulations.report.mean_std`) are written into the docs page between
 ``<!-- merging:oneshot -->`` / ``<!-- merging:multiround -->`` markers, and with ``--figures`` the
 plots ``merging_oneshot.png`` and ``merging_multiround.png``. Finished runs are reused (delete the
 directory or pass ``--fresh`` to redo them).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations.cli import Parser
 from simulations.experiments import grid
+from simulations.report import mean_std, sample_std, table, write_section
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "merging_mnist1d.yaml"
 
@@ -205,11 +206,6 @@ def multiround(cfg: Mapping[str, Any], seed: int, root: Path, fresh: bool) -> di
 
 
 # ------------------------------------------------------------------------------ reporting
-def _pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    a = scale * np.asarray(values, dtype=np.float64)
-    return f"{a.mean():.{digits}f} ± {a.std():.{digits}f}"
-
-
 ONESHOT_LABELS = {
     "init": "shared initial model θ₀ (FedAvg warm-up)",
     "best_client": "best single client (by validation accuracy)",
@@ -228,32 +224,31 @@ ONESHOT_LABELS = {
 def oneshot_table(results: Mapping[int, Mapping[str, Mapping[str, float]]]) -> str:
     seeds = sorted(results)
     names = list(results[seeds[0]])
-    lines = ["| method | test accuracy (%) | test loss | validation accuracy (%) |",
-             "|---|---|---|---|"]
     order = sorted(names, key=lambda k: -np.mean([results[s][k]["test_accuracy"] for s in seeds]))
+    rows = []
     for k in order:
         acc = [results[s][k]["test_accuracy"] for s in seeds]
         loss = [results[s][k]["test_loss"] for s in seeds]
         val = [results[s][k]["val_accuracy"] for s in seeds]
-        lines.append(f"| {ONESHOT_LABELS.get(k, k)} | {_pm(acc)} | {_pm(loss, 1.0, 3)} | {_pm(val)} |")
-    return "\n".join(lines)
+        rows.append([ONESHOT_LABELS.get(k, k), mean_std(acc, scale=100), mean_std(loss, 3),
+                     mean_std(val, scale=100)])
+    return table(["method", "test accuracy (%)", "test loss", "validation accuracy (%)"], rows)
 
 
 def multiround_table(results: Mapping[int, Mapping[str, Mapping[str, Any]]], rounds: int) -> str:
     seeds = sorted(results)
     names = list(results[seeds[0]])
-    lines = [f"| strategy | final test accuracy (%) after {rounds} rounds | best over rounds (%) "
-             "| final test loss | upload per run (MB) | wall time per run (s) |",
-             "|---|---|---|---|---|---|"]
+    rows = []
     for k in names:
         r = [results[s][k] for s in seeds]
         mb = np.mean([x["bytes_up"] for x in r]) / 1e6
-        lines.append(
-            f"| `{k}` | {_pm([x['final_test_accuracy'] for x in r])} | "
-            f"{_pm([x['best_test_accuracy'] for x in r])} | "
-            f"{_pm([x['final_test_loss'] for x in r], 1.0, 3)} | {mb:.1f} | "
-            f"{np.mean([x['wall_seconds'] for x in r]):.0f} |")
-    return "\n".join(lines)
+        rows.append([f"`{k}`", mean_std([x["final_test_accuracy"] for x in r], scale=100),
+                     mean_std([x["best_test_accuracy"] for x in r], scale=100),
+                     mean_std([x["final_test_loss"] for x in r], 3), f"{mb:.1f}",
+                     f"{np.mean([x['wall_seconds'] for x in r]):.0f}"])
+    return table(["strategy", f"final test accuracy (%) after {rounds} rounds",
+                  "best over rounds (%)", "final test loss", "upload per run (MB)",
+                  "wall time per run (s)"], rows)
 
 
 def plot_oneshot(results: Mapping[int, Mapping[str, Mapping[str, float]]], path: Path) -> None:
@@ -264,7 +259,8 @@ def plot_oneshot(results: Mapping[int, Mapping[str, Mapping[str, float]]], path:
     acc = np.array([[100 * results[s][k]["test_accuracy"] for s in seeds] for k in names])
     fig, ax = plt.subplots(figsize=(7.0, 0.38 * len(names) + 1.2), dpi=150)
     colors = ["#888888" if k in REFERENCE_ROWS and k != "fisher" else "#1f77b4" for k in names]
-    ax.barh(range(len(names)), acc.mean(1), xerr=acc.std(1), color=colors, capsize=3)
+    ax.barh(range(len(names)), acc.mean(1), xerr=np.nan_to_num(sample_std(acc, axis=1)),
+            color=colors, capsize=3)
     for i in range(len(names)):
         ax.scatter(acc[i], [i] * len(seeds), color="black", s=8, zorder=3)
     ax.set_yticks(range(len(names)), names, fontsize=8)
@@ -283,9 +279,9 @@ def plot_multiround(results: Mapping[int, Mapping[str, Mapping[str, Any]]], path
     for k in results[seeds[0]]:
         curves = 100 * np.array([results[s][k]["curve"] for s in seeds])
         x = np.arange(curves.shape[1])
-        line, = ax.plot(x, curves.mean(0), label=f"{k} (n={len(seeds)})", linewidth=1.6)
-        ax.fill_between(x, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0),
-                        color=line.get_color(), alpha=0.15, linewidth=0)
+        mean, std = curves.mean(0), np.nan_to_num(sample_std(curves, axis=0))
+        line, = ax.plot(x, mean, label=f"{k} (n={len(seeds)})", linewidth=1.6)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel("round")
     ax.set_ylabel("server test accuracy (%)")
     ax.set_title("Multi-round, MNIST-1D, 10 clients, Dirichlet α = 0.3", fontsize=9)
@@ -293,18 +289,6 @@ def plot_multiround(results: Mapping[int, Mapping[str, Mapping[str, Any]]], path
     ax.legend(frameon=False, fontsize=8)
     grid.save_png(fig, path)
     plt.close(fig)
-
-
-def write_section(doc: Path, name: str, text: str) -> None:
-    """Replace the text between ``<!-- merging:NAME -->`` and ``<!-- /merging:NAME -->``."""
-    from simulations.results import atomic_write_text
-
-    page = doc.read_text() if doc.is_file() else ""
-    start, end = f"<!-- merging:{name} -->", f"<!-- /merging:{name} -->"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    page = pattern.sub(lambda _: block, page) if pattern.search(page) else f"{page}\n{block}\n"
-    atomic_write_text(doc, page)
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -319,8 +303,8 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.merging",
-                                     description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m simulations.experiments.merging",
+                    description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--out", default="runs/merging", help="results directory")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the config's seeds")
@@ -385,17 +369,17 @@ def report(results: Mapping[str, Any], args: argparse.Namespace) -> None:
     """Print the tables; write them into ``args.docs`` and the plots into ``args.figures``."""
     cfg = results["config"]
     if "oneshot" in results:
-        table = oneshot_table(results["oneshot"])
-        print(table)
+        text = oneshot_table(results["oneshot"])
+        print(text)
         if args.docs:
-            write_section(Path(args.docs), "oneshot", table)
+            write_section(args.docs, text, "merging:oneshot")
         if args.figures:
             plot_oneshot(results["oneshot"], Path(args.figures) / "merging_oneshot.png")
     if "multiround" in results:
-        table = multiround_table(results["multiround"], int(cfg["multiround"]["rounds"]))
-        print(table)
+        text = multiround_table(results["multiround"], int(cfg["multiround"]["rounds"]))
+        print(text)
         if args.docs:
-            write_section(Path(args.docs), "multiround", table)
+            write_section(args.docs, text, "merging:multiround")
         if args.figures:
             plot_multiround(results["multiround"], Path(args.figures) / "merging_multiround.png")
 

@@ -35,6 +35,7 @@ import numpy as np
 from fedagg.errors import ConfigError
 from simulations.experiments import grid
 from simulations.experiments import tuning as tuning_lib
+from simulations.report import mean_std, table, write_section
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "robust_mnist1d.yaml"
 #: Keys an aggregator's ``tune`` grid may name.
@@ -358,7 +359,7 @@ def worst_case(results: Mapping[str, Any], f: int, agg: str, attacks: Sequence[s
 def _fmt(values: Sequence[float] | None, stopped: int = 0) -> str:
     if not values:
         return "–"
-    return grid.pm(values) + (" †" * (stopped > 0))
+    return mean_std(values, scale=100) + (" †" * (stopped > 0))
 
 
 def _cell_text(cell: Mapping[str, Any] | None) -> str:
@@ -397,9 +398,8 @@ def attack_table(results: Mapping[str, Any], f: int, attacks: Sequence[str],
                 cells[agg], means[agg] = _cell_text(cell), cell_mean(results, f, a, agg)
         for agg, text in _bold_best(cells, means).items():
             grid[agg][col] = text
-    lines = ["| aggregator | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    lines += [f"| {agg} | " + " | ".join(grid[agg][c] for c in cols) + " |" for agg in aggs]
-    return "\n".join(lines)
+    return table(["aggregator", *cols], [[agg, *(grid[agg][c] for c in cols)] for agg in aggs],
+                 "l" + "r" * len(cols))
 
 
 def worst_table(results: Mapping[str, Any], fs: Sequence[int], attacks: Sequence[str],
@@ -411,9 +411,8 @@ def worst_table(results: Mapping[str, Any], fs: Sequence[int], attacks: Sequence
         cells = {agg: "–" if math.isnan(v) else f"{100 * v:.1f}" for agg, v in means.items()}
         for agg, text in _bold_best(cells, means).items():
             grid[agg][f] = text
-    lines = ["| aggregator | " + " | ".join(f"f={f}" for f in fs) + " |", "|---|" + "---:|" * len(fs)]
-    lines += [f"| {agg} | " + " | ".join(grid[agg][f] for f in fs) + " |" for agg in aggs]
-    return "\n".join(lines)
+    return table(["aggregator", *(f"f={f}" for f in fs)],
+                 [[agg, *(grid[agg][f] for f in fs)] for agg in aggs], "l" + "r" * len(fs))
 
 
 # ------------------------------------------------------------------------------ figures
@@ -565,16 +564,17 @@ def claims_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], target: 
         f"rounds), paired by seed: mean ± std over seeds {seeds}; *holds* = FA higher on every "
         "seed, *fails* = lower on every seed, *mixed* otherwise.",
         "",
-        "| FA − rule | " + " | ".join(f"`{attack}`, f = {f}" for f in fs)
-        + " | " + " | ".join(f"worst case, f = {f}" for f in full) + " |",
-        "|---|" + "---:|" * (len(fs) + len(full)),
     ]
+    rows = []
     for agg in others:
         row = [_gap_text(paired_gap(results, f, attack, target, agg)) for f in fs]
         for f in full:
             w = worst_case(results, f, target, attacks) - worst_case(results, f, agg, attacks)
             row.append("–" if math.isnan(w) else f"{100 * w:+.1f}")
-        lines.append(f"| {agg} | " + " | ".join(row) + " |")
+        rows.append([agg, *row])
+    header = ["FA − rule", *(f"`{attack}`, f = {f}" for f in fs),
+              *(f"worst case, f = {f}" for f in full)]
+    lines.append(table(header, rows, "l" + "r" * (len(fs) + len(full))))
     return "\n".join(lines)
 
 
@@ -689,10 +689,10 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
 def write_docs(markdown: str, docs: Path, claims: str | None = None, name: str = "robust") -> Path:
     """Replace the block between the ``<name>:results`` markers of ``docs`` (appended if absent),
     and the claim table between the ``<name>:claims`` markers."""
-    grid.write_section(docs, markdown.strip(), f"{name}:results",
+    write_section(docs, markdown.strip(), f"{name}:results",
                        empty="# Byzantine-robust aggregation\n")
     if claims is not None:
-        grid.write_section(docs, claims.strip(), f"{name}:claims")
+        write_section(docs, claims.strip(), f"{name}:claims")
     return docs
 
 

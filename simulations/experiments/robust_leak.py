@@ -14,12 +14,13 @@ share of the norm (the *leak*). A constant leak is a bias that server momentum a
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from simulations.cli import Parser
 
 #: Rules compared, with the tolerance ``f`` they are given (None: the rule takes none).
 RULES: tuple[tuple[str, bool], ...] = (
@@ -94,8 +95,8 @@ def honest_updates(run_dir: Path, trained: bool, count: int, seed: int) -> np.nd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.experiments.robust_leak",
-                                     description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m simulations.experiments.robust_leak",
+                    description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a finished run directory")
     parser.add_argument("--attackers", type=int, default=3, help="random attackers (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="minibatches and attack draws")

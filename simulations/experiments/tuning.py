@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
+from simulations import gridrun
+from simulations.report import mean_std, table
 
 #: Keys a method's ``tune`` grid may name.
 TUNABLE = ("lr", "server_lr")
@@ -116,7 +118,7 @@ def tuning_score(run_dir: Path, last: int) -> float:
     NaN for a run the runner stopped (no ``summary.json``)."""
     from simulations.experiments import grid
 
-    if not (run_dir / grid.SUMMARY).is_file():
+    if not gridrun.finished(run_dir):
         return float("nan")
     rounds, acc = grid.run_curve(run_dir)
     return late_mean(rounds, acc, last)
@@ -158,10 +160,9 @@ def paired_gap(results: Mapping[str, Any], cell: str, a: str, b: str,
 
 
 def gap_text(g: np.ndarray | None) -> str:
-    """``+1.2 ± 0.3`` (mean ± std, ddof 1, points); the mean alone for one seed; ``–`` for none."""
-    if g is None or g.size == 0:
-        return "–"
-    return f"{g.mean():+.1f} ± {g.std(ddof=1):.1f}" if g.size > 1 else f"{g.mean():+.1f}"
+    """``+1.2 ± 0.3`` (:func:`~simulations.report.mean_std`, signed, points); the mean alone for
+    one seed; ``–`` for none."""
+    return mean_std(g, signed=True)
 
 
 # ------------------------------------------------------------------------------ tables
@@ -171,8 +172,7 @@ def tuning_table(methods: Sequence[str], tuning: Mapping[str, Any]) -> str:
     the edge of the grid is marked †)."""
     cols = list(tuning)
     methods = [m for m in methods if m in tuning[cols[0]]]
-    lines = ["| method | tuned | values | " + " | ".join(cols) + " |",
-             "|---|---|---|" + "---|" * len(cols)]
+    rows = []
     for m in methods:
         c0 = tuning[cols[0]][m]
         cells = []
@@ -183,6 +183,5 @@ def tuning_table(methods: Sequence[str], tuning: Mapping[str, Any]) -> str:
                                 (f"**{100 * s:.1f}**" if v == c["chosen"] else f"{100 * s:.1f}")
                                 for v, s in zip(c["values"], c["scores"], strict=True))
             cells.append(f"**{c['chosen']:g}**{' †' if edge else ''} ({scores})")
-        lines.append(f"| {m} | `{c0['key']}` | {', '.join(f'{v:g}' for v in c0['values'])} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([m, f"`{c0['key']}`", ", ".join(f"{v:g}" for v in c0["values"]), *cells])
+    return table(["method", "tuned", "values", *cols], rows)

@@ -1,5 +1,5 @@
-"""The study drivers' process pool (``simulations.experiments.grid``): stopping the driver by pid
-stops its workers too, and errors raised in a worker reach the parent intact."""
+"""The grid runner's process pool (``simulations.gridrun``, used by the study drivers): stopping
+the driver by pid stops its workers too, and errors raised in a worker reach the parent intact."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from fedagg.errors import ConfigError
 DRIVER = textwrap.dedent("""
     import functools, multiprocessing as mp, time
     from concurrent.futures import ProcessPoolExecutor
+    from simulations import gridrun
     from simulations.experiments import grid
 
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"),
-                             initializer=functools.partial(grid._pool_worker, grid.quiet_logs)) as pool:
+                             initializer=functools.partial(gridrun.pool_worker, grid.quiet_logs)) as pool:
         futs = [pool.submit(time.sleep, 60) for _ in range(2)]
         time.sleep(1.0)
         print(" ".join(str(p.pid) for p in pool._processes.values()), flush=True)
