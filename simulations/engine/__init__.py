@@ -161,22 +161,22 @@ def worker_pools(ray: Any, sim: Simulation) -> list[WorkerPool]:
     pools = []
     for i, prof in enumerate(table.profiles):
         if counts[i] == 0:
-            pools.append(WorkerPool(prof["name"], 0, {}))
+            pools.append(WorkerPool(prof.name, 0, {}))
             continue
-        opts: dict[str, Any] = {"num_cpus": prof["num_cpus"], "num_gpus": prof["num_gpus"]}
-        if prof["resources"]:
-            opts["resources"] = dict(prof["resources"])
+        opts: dict[str, Any] = {"num_cpus": prof.num_cpus, "num_gpus": prof.num_gpus}
+        if prof.resources:
+            opts["resources"] = dict(prof.resources)
         where = f"profiles[{i}]" if i < len(cfg.profiles) else "profiles (default)"
         if opts["num_gpus"] > 0 and float(ray.cluster_resources().get("GPU", 0)) == 0:
-            if prof["gpu"] != "optional":
-                raise ConfigError(f"{where}.num_gpus", f"profile {prof['name']!r} asks for "
+            if prof.gpu != "optional":
+                raise ConfigError(f"{where}.num_gpus", f"profile {prof.name!r} asks for "
                                   f"{opts['num_gpus']} GPU per worker but the Ray cluster has no GPU; "
                                   "set gpu: optional to run it on CPU")
-            log.warning("profile %r: no GPU in the cluster, running on CPU (gpu: optional)", prof["name"])
+            log.warning("profile %r: no GPU in the cluster, running on CPU (gpu: optional)", prof.name)
             opts["num_gpus"] = 0.0
         _check_resources(ray, opts, where)
-        pools.append(WorkerPool(prof["name"], prof["workers"] or 0, opts))
-    auto = [i for i, p in enumerate(table.profiles) if counts[i] > 0 and not p["workers"]]
+        pools.append(WorkerPool(prof.name, prof.workers or 0, opts))
+    auto = [i for i, p in enumerate(table.profiles) if counts[i] > 0 and not p.workers]
     fixed = sum(p.workers for p in pools)
     for i, w in zip(auto, split_workers([int(counts[i]) for i in auto], max(0, total - fixed)), strict=True):
         pools[i] = dataclasses.replace(pools[i], workers=w)
@@ -253,7 +253,7 @@ def run_on_engine(sim: Simulation, engine: str | None = None) -> ArrayRecord:
     engine = engine or choose_engine(cfg)[0]
     n = cfg.num_clients
     table = sim.runtime.profiles
-    work = lambda cid: expected_work(table, sim.config, cid)  # noqa: E731
+    work = lambda cid: expected_work(table, sim.cfg, cid)  # noqa: E731
     limit = sim.runtime.batch_limit() if cfg.batched_clients else None
     if engine == "inline":
         grid = SimGrid(n, InlineExecutor(sim.client_app(), n, batch_limit=limit,
