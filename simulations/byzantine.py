@@ -29,8 +29,6 @@ round came from Byzantine clients (``counts``); the runner writes it as the ``by
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -38,6 +36,7 @@ from flwr.app import Message, RecordDict
 from fedagg import attacks
 from fedagg.errors import ConfigError
 from fedagg.rng import numpy_rng
+from simulations.config import RunConfig
 from strategies.arrays import Layout, to_numpy, to_record
 
 log = logging.getLogger("fedagg")
@@ -63,19 +62,12 @@ def byzantine_ids(seed: int, num_clients: int, f: int) -> list[int]:
     return sorted(int(c) for c in perm[:f])
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def build_attack(cfg: Any) -> attacks.Attack | None:
+def build_attack(cfg: RunConfig) -> attacks.Attack | None:
     """The run's attack object (None without ``attack``); ConfigError names ``attack``/``attack_args``."""
-    name = _cfg_get(cfg, "attack")
-    if name is None:
+    if cfg.attack is None:
         return None
-    entry = attacks.REGISTRY.entry(name, field="attack")
-    params = entry.resolve(dict(_cfg_get(cfg, "attack_args") or {}), where="attack_args")
+    entry = attacks.REGISTRY.entry(cfg.attack, field="attack")
+    params = entry.resolve(cfg.attack_args, where="attack_args")
     try:
         return entry.factory(**params)
     except ConfigError as exc:  # e.g. alie.z -> attack_args.z
@@ -84,11 +76,10 @@ def build_attack(cfg: Any) -> attacks.Attack | None:
         raise ConfigError("attack_args", str(exc)) from None
 
 
-def validate_attack(cfg: Any) -> None:
+def validate_attack(cfg: RunConfig) -> None:
     """Config-time checks of ``attack``/``attack_args``/``num_byzantine`` (ConfigError, exit 2)."""
     attack = build_attack(cfg)
-    f = int(_cfg_get(cfg, "num_byzantine", 0) or 0)
-    n = int(_cfg_get(cfg, "num_clients", 1))
+    f, n = cfg.num_byzantine, cfg.num_clients
     if attack is None or f == 0 or attack.data_attack:
         return
     rng = np.random.default_rng(0)
@@ -172,7 +163,7 @@ class Corruption:
         return replies
 
 
-def build_corruption(cfg: Any) -> Corruption | None:
+def build_corruption(cfg: RunConfig) -> Corruption | None:
     """The ``corrupt`` hook for ``cfg`` (None without an attack); see :class:`Corruption`."""
     attack = build_attack(cfg)
     if attack is None:
@@ -181,21 +172,19 @@ def build_corruption(cfg: Any) -> Corruption | None:
     return Corruption(attack, ids, cfg.seed)
 
 
-def data_attack(config: Mapping[str, Any], cid: int, y: np.ndarray,
+def data_attack(cfg: RunConfig, cid: int, y: np.ndarray,
                 num_classes: int | None = None) -> np.ndarray:
     """Labels client ``cid`` trains on: flipped (``(C − 1) − y``) for a Byzantine client of a
     run whose attack is a data attack (``labelflip``), unchanged otherwise.
 
-    ``config`` is the run config (a ``RunConfig.model_dump()``); ``num_classes`` the dataset's
-    class count C (the attack's ``num_classes`` argument overrides it).
+    ``num_classes`` is the dataset's class count C (the attack's ``num_classes`` argument
+    overrides it).
     """
-    name = config.get("attack")
-    f = int(config.get("num_byzantine") or 0)
-    if name is None or f == 0:
+    if cfg.attack is None or cfg.num_byzantine == 0:
         return y
-    attack = build_attack(config)
+    attack = build_attack(cfg)
     if attack is None or not attack.data_attack:
         return y
-    if cid not in byzantine_ids(int(config["seed"]), int(config["num_clients"]), f):
+    if cid not in byzantine_ids(cfg.seed, cfg.num_clients, cfg.num_byzantine):
         return y
     return attack.labels(y, num_classes)  # type: ignore[attr-defined, no-any-return]

@@ -1,9 +1,10 @@
 """The Flower ClientApp of a simulation, and what a client process keeps between messages.
 
-``make_client_app(config)`` returns a real ``flwr.clientapp.ClientApp``: it runs under our Ray
+``make_client_app(cfg)`` returns a real ``flwr.clientapp.ClientApp``: it runs under our Ray
 engine, under ``flwr.simulation.run_simulation`` and, given a ``partition-id`` in the node config,
 on a real SuperNode. A :class:`ClientRuntime` is built once per process and reused for every
-virtual client that process serves: the federated data is loaded once (from the on-disk cache), and
+virtual client that process serves; it holds the run's typed :class:`~simulations.config.RunConfig`
+(a process boundary carries it as JSON and rebuilds it once on the other side). The federated data is loaded once (from the on-disk cache), and
 one model instance per model kind is kept and loaded in place with each message's weights.
 
 What a train message asks for is the ``task`` key of its ConfigRecord (default ``train``: local SGD);
@@ -30,6 +31,7 @@ from fedagg.data import FederatedData, load_federated
 from fedagg.models import build_model
 from fedagg.rng import numpy_rng, torch_generator
 from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state
+from simulations.config import RunConfig
 from simulations.profiles import ProfileTable
 from simulations.tasks import BATCHED_TASKS, TASKS
 from strategies.arrays import config_record, metric_record, record_dict, to_numpy, to_record
@@ -62,8 +64,8 @@ class ClientTensors:
 class ClientRuntime:
     """Per-process state shared by all virtual clients of one run (lazy; cheap to pickle)."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.config = dict(config)
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
         self._data: FederatedData | None = None
         self._models: dict[str, torch.nn.Module] = {}
         self._tensors: dict[int, ClientTensors] = {}
@@ -73,20 +75,20 @@ class ClientRuntime:
         self._batch_reasons: dict[int, str | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config}
+        return {"config": self.config.model_dump(mode="json")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["config"])  # type: ignore[misc]
+        self.__init__(RunConfig.model_validate(state["config"]))  # type: ignore[misc]
 
     # ------------------------------------------------------------------ lazy resources
     @property
     def seed(self) -> int:
-        return int(self.config["seed"])
+        return self.config.seed
 
     @property
     def device(self) -> torch.device:
         if self._device is None:
-            self._device = resolve_device(self.config.get("device", "auto"))
+            self._device = resolve_device(self.config.device)
         return self._device
 
     def set_data(self, data: FederatedData) -> None:
@@ -97,20 +99,17 @@ class ClientRuntime:
     def data(self) -> FederatedData:
         if self._data is None:
             c = self.config
-            args = dict(c.get("partition_args") or {})
-            if c.get("alpha") is not None:
-                args["alpha"] = c["alpha"]
             self._data = load_federated(
-                c["dataset"], int(c["num_clients"]), self.seed, partition=c["partition"],
-                partition_args=args, dataset_args=c.get("dataset_args") or {},
-                test_fraction=float(c.get("test_fraction", 0.2)),
+                c.dataset, c.num_clients, self.seed, partition=c.partition,
+                partition_args=c.resolved_partition_args(), dataset_args=c.dataset_args,
+                test_fraction=c.test_fraction,
             )
         return self._data
 
     def model(self, name: str | None = None, params: Mapping[str, Any] | None = None) -> torch.nn.Module:
         """The process's model instance of kind ``name`` (default: the run's model)."""
-        name = name or self.config["model"]
-        params = dict(params if params is not None else self.config.get("model_args") or {})
+        name = name or self.config.model
+        params = dict(params if params is not None else self.config.model_args)
         key = f"{name}:{sorted(params.items())}"
         if key not in self._models:
             d = self.data
@@ -147,18 +146,18 @@ class ClientRuntime:
         """Local optimisation settings: the message's ConfigRecord, falling back to the run config;
         client ``cid``'s profile overrides ``local_steps``/``batch_size`` where it sets them."""
         c = self.config
-        steps = int(config.get("local-steps", c["local_steps"]))
-        batch = int(config.get("batch-size", c["batch_size"]))
-        if cid is not None and c.get("profiles"):
+        steps = int(config.get("local-steps", c.local_steps))
+        batch = int(config.get("batch-size", c.batch_size))
+        if cid is not None and c.profiles:
             prof = self.profiles.of(cid)
-            steps = int(prof["local_steps"]) if prof["local_steps"] is not None else steps
-            batch = int(prof["batch_size"]) if prof["batch_size"] is not None else batch
+            steps = prof.local_steps if prof.local_steps is not None else steps
+            batch = prof.batch_size if prof.batch_size is not None else batch
         return LocalTrainConfig(
             steps=steps,
-            lr=float(config.get("lr", c["lr"])),
+            lr=float(config.get("lr", c.lr)),
             batch_size=batch,
-            momentum=float(config.get("momentum", c.get("momentum", 0.0))),
-            weight_decay=float(config.get("weight-decay", c.get("weight_decay", 0.0))),
+            momentum=float(config.get("momentum", c.momentum)),
+            weight_decay=float(config.get("weight-decay", c.weight_decay)),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
 
@@ -174,7 +173,7 @@ class ClientRuntime:
 
     def batch_reason(self, content: RecordDict) -> str | None:
         """Why train messages with ``content`` cannot be served by :meth:`train_batch` (None: they can)."""
-        if not self.config.get("batched_clients", True):
+        if not self.config.batched_clients:
             return "batched_clients is off"
         config = config_record(content)
         task = str(config.get("task", "train"))
@@ -193,10 +192,10 @@ class ClientRuntime:
         model = self.model()
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         width = sum(p.shape[0] for p in model.parameters() if p.requires_grad and p.dim() > 1)
-        batch = int(self.config.get("batch_size", 32))
+        batch = self.config.batch_size
         sample = int(math.prod(self.data.input_shape))
         per_client = 4 * (5 * params + 4 * batch * (sample + width))
-        budget = float(self.config.get("batch_memory_mb", 512.0)) * 2**20
+        budget = self.config.batch_memory_mb * 2**20
         return max(1, int(budget // per_client))
 
     def train_batch(self, messages: list[Message], client_ids: list[int]) -> list[Message | Exception]:
@@ -211,7 +210,7 @@ class ClientRuntime:
         out: list[Message | Exception | None] = [None] * len(messages)
         jobs: list[ClientJob] = []
         where: list[int] = []
-        shared = None if self.config.get("profiles") else self.train_config(config)  # same for all
+        shared = None if self.config.profiles else self.train_config(config)  # same for all
         for i, cid in enumerate(client_ids):
             try:
                 self.inject_faults(server_round, cid)
@@ -245,31 +244,31 @@ class ClientRuntime:
     # ------------------------------------------------------------------ handlers
     def inject_faults(self, server_round: int, cid: int) -> None:
         """Injected failures of the run's ``faults`` config (see ``FaultsConfig``)."""
-        if self.config.get("profiles"):
-            p = float(self.profiles.of(cid)["dropout_prob"])
+        if self.config.profiles:
+            prof = self.profiles.of(cid)
+            p = prof.dropout_prob
             if p > 0 and numpy_rng(self.seed, "dropout", server_round, cid).random() < p:
                 raise ClientDropout(f"client {cid} dropped out in round {server_round} "
-                                    f"(profile {self.profiles.of(cid)['name']!r})")
+                                    f"(profile {prof.name!r})")
         crash, hang, kill = self.faults(server_round, cid)
         if kill:
             os._exit(17)  # the worker process dies mid-task (as on an OOM kill)
         if crash:
             raise InjectedFault(f"injected crash of client {cid} in round {server_round}")
         if hang:
-            time.sleep(float(self.config["faults"].get("hang_seconds", 3600.0)))
+            time.sleep(self.config.faults.hang_seconds)
 
     def faults(self, server_round: int, cid: int) -> tuple[bool, bool, bool]:
         """``(crash, hang, kill_worker)``: which injected faults fire for ``cid`` in ``server_round``
         (drawn from ``(seed, "fault", round, client)``, so engines can plan around a hang)."""
-        faults = self.config.get("faults") or {}
-        if not any(faults.get(k) for k in ("crash_prob", "hang_prob", "hang", "kill_worker")):
+        faults = self.config.faults
+        if not (faults.crash_prob or faults.hang_prob or faults.hang or faults.kill_worker):
             return False, False, False
-        here = [server_round, cid]
-        kill = here in [list(p) for p in faults.get("kill_worker", [])]
+        here = (server_round, cid)
+        kill = here in faults.kill_worker
         u = numpy_rng(self.seed, "fault", server_round, cid).random(2)
-        crash = bool(u[0] < float(faults.get("crash_prob", 0.0)))
-        hang = not crash and (here in [list(p) for p in faults.get("hang", [])]
-                              or bool(u[1] < float(faults.get("hang_prob", 0.0))))
+        crash = bool(u[0] < faults.crash_prob)
+        hang = not crash and (here in faults.hang or bool(u[1] < faults.hang_prob))
         return crash, hang, kill
 
     def handle_train(self, msg: Message, context: Context) -> Message:
@@ -312,8 +311,8 @@ def client_id(context: Context) -> int:
     return int(context.node_config[PARTITION_ID_KEY])
 
 
-def make_client_app(config: Mapping[str, Any], runtime: ClientRuntime | None = None) -> ClientApp:
-    """A Flower ClientApp for the run described by ``config`` (a ``RunConfig.model_dump()``).
+def make_client_app(config: RunConfig, runtime: ClientRuntime | None = None) -> ClientApp:
+    """A Flower ClientApp for the run described by ``config``.
 
     ``runtime`` shares an existing :class:`ClientRuntime` (the inline engine reuses the server's:
     one dataset, one model instance in the process); a pickled app carries only the config.

@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from fedagg.errors import ConfigError, unknown_name
+from strategies.common import CommonParams, Frozen, StrategyRun
 
 ENGINES = ("auto", "ray", "flower", "inline")
 
 
-class _Strict(BaseModel):
-    # allow_inf_nan=False: a non-finite number (``lr=inf``, ``momentum=nan``) is bad input
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+class _Strict(Frozen):
+    """Unknown keys and non-finite numbers (``lr=inf``, ``momentum=nan``) are bad input; a loaded
+    config is read-only (``model_copy(update=...)`` makes a changed one)."""
 
 
 class ParticipationConfig(_Strict):
@@ -125,18 +126,19 @@ class SimulatedTimeConfig(_Strict):
 
 
 #: ``server_lr`` when unset; strategies without a server learning rate only accept this value.
-SERVER_LR_DEFAULT = 1.0
+SERVER_LR_DEFAULT: float = CommonParams.model_fields["server_lr"].default
 
 
-class RunConfig(_Strict):
-    """Everything that defines a run. Field docs are in ``docs/quickstart.md``."""
+class RunConfig(StrategyRun, _Strict):
+    """Everything that defines a run, typed and read-only; passed as this object everywhere.
 
-    strategy: str = "fedavg"
-    strategy_args: dict[str, Any] = Field(default_factory=dict)
-    seed: int = Field(0, ge=0)
+    The keys strategies read (``strategy``, ``strategy_args``, ``aggregator``, ``num_clients``,
+    ``seed``, ``server_lr``, the server optimiser, ...) are inherited from
+    :class:`strategies.common.StrategyRun`, where they are declared once. Field docs are in
+    ``docs/quickstart.md``.
+    """
+
     rounds: int = Field(20, ge=1)
-    num_clients: int = Field(10, ge=1)
-    clients_per_round: int | None = Field(None, ge=1)
     # data
     dataset: str = "mnist1d"
     dataset_args: dict[str, Any] = Field(default_factory=dict)
@@ -154,14 +156,7 @@ class RunConfig(_Strict):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    # server
-    server_lr: float = Field(SERVER_LR_DEFAULT, ge=0)
-    server_momentum: float | None = Field(None, ge=0, lt=1)
-    server_weight_decay: float | None = Field(None, ge=0)
-    server_lr_decay: float | None = Field(None, gt=0, le=1)
-    server_lr_decay_every: int | None = Field(None, ge=1)
-    min_replies: int = Field(1, ge=0)
-    max_update_norm: float | None = Field(None, gt=0)
+    # server (server_lr and its optimiser: see StrategyRun)
     eval_every: int = Field(1, ge=1)
     eval_last: int = Field(0, ge=0)
     evaluate_clients: float = Field(0.0, ge=0, le=1)
@@ -170,7 +165,6 @@ class RunConfig(_Strict):
     attack: str | None = None
     attack_args: dict[str, Any] = Field(default_factory=dict)
     num_byzantine: int = Field(0, ge=0)
-    aggregator: str | None = None
     # execution
     engine: Literal["auto", "ray", "flower", "inline"] = "auto"
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -329,11 +323,8 @@ def validate(cfg: RunConfig) -> None:
             f"{cfg.clients_per_round} is more than num_clients={cfg.num_clients}",
         )
     entry = strategies.REGISTRY.entry(cfg.strategy, field="strategy")
-    clash = sorted(set(cfg.strategy_args) & strategies.COMMON_NAMES)
-    if clash:
-        raise ConfigError(f"strategy_args.{clash[0]}", f"set the top-level key `{clash[0]}` instead")
     check_lr_decay(cfg.server_lr_decay, cfg.server_lr_decay_every)
-    entry.resolve(strategy_params(cfg), where="strategy_args")
+    entry.resolve(strategies.run_params(cfg), where="strategy_args")
     _validate_no_ops(cfg)
     if not cfg.dataset.startswith("hf:") and cfg.dataset not in DATASETS:
         raise unknown_name("dataset", cfg.dataset, [*DATASETS.names(), "hf:<name>"])
@@ -422,11 +413,10 @@ def _build_strategy(cfg: RunConfig) -> None:
     import strategies
 
     entry = strategies.REGISTRY.entry(cfg.strategy)
-    params = strategy_build_params(cfg)
     if entry.param("validation") is not None or (
-            entry.param("probabilities") is not None and params.get("probabilities") is None):
+            entry.param("probabilities") is not None and cfg.strategy_args.get("probabilities") is None):
         return
-    strategies.build(cfg.strategy, **params)
+    strategies.build_run(cfg, num_byzantine=cfg.num_byzantine)
 
 
 def config_warnings(cfg: RunConfig) -> list[str]:
@@ -454,53 +444,6 @@ def _validate_profiles(cfg: RunConfig) -> None:
     if sum(sizes[: len(cfg.profiles)]) > cfg.num_clients:
         raise ConfigError("profiles", f"profiles hold {sum(sizes[: len(cfg.profiles)])} clients "
                           f"but num_clients={cfg.num_clients}")
-
-
-def strategy_params(cfg: RunConfig) -> dict[str, Any]:
-    """Keyword arguments for ``strategies.build(cfg.strategy, ...)``: common keys + strategy_args."""
-    import strategies
-
-    entry = strategies.REGISTRY.entry(cfg.strategy, field="strategy")
-    common = {
-        "num_clients": cfg.num_clients,
-        "clients_per_round": cfg.clients_per_round,
-        "seed": cfg.seed,
-        "server_lr": cfg.server_lr,
-        "min_replies": cfg.min_replies,
-        "max_update_norm": cfg.max_update_norm,
-    }
-    params = {k: v for k, v in common.items() if entry.param(k) is not None}
-    if entry.param("server_lr") is None and cfg.server_lr != SERVER_LR_DEFAULT:
-        own = " (its server step is strategy_args.eta)" if entry.param("eta") is not None else ""
-        raise ConfigError("server_lr", f"strategy {cfg.strategy!r} is Flower's own rule and has no "
-                          f"server learning rate to set{own}; unset server_lr or use a fedagg delta "
-                          "strategy")
-    for key in sorted(strategies.SERVER_OPTIMIZER_NAMES):  # only when set: null = off
-        value = getattr(cfg, key)
-        if value is None:
-            continue
-        if entry.param(key) is None:
-            raise ConfigError(key, f"strategy {cfg.strategy!r} is Flower's own rule with its own "
-                              "server step and cannot honour it; use a fedagg delta strategy "
-                              "(fedavg, fedau, the robust rules, soups) or unset it")
-        params[key] = value
-    if cfg.aggregator is not None:
-        if entry.param("aggregator") is None:
-            raise ConfigError("aggregator", f"strategy {cfg.strategy!r} has no aggregator to choose")
-        params["aggregator"] = cfg.aggregator
-    params.update(cfg.strategy_args)
-    return params
-
-
-def strategy_build_params(cfg: RunConfig) -> dict[str, Any]:
-    """:func:`strategy_params` plus the run's ``num_byzantine`` for a strategy that declares it
-    (robust rules: the default ``f``) and does not set it in ``strategy_args``."""
-    import strategies
-
-    params = strategy_params(cfg)
-    if strategies.REGISTRY.entry(cfg.strategy).param("num_byzantine") is not None:
-        params.setdefault("num_byzantine", cfg.num_byzantine)
-    return params
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -162,7 +162,7 @@ class EnvironmentGrid(Grid):
         self.last_exchange.sim_seconds = timing.seconds
         per: dict[str, float] = {}
         for cid, secs in timing.durations.items():
-            name = self.clock.table.of(cid)["name"]
+            name = self.clock.table.of(cid).name
             per[name] = max(per.get(name, 0.0), secs)
         self.last_exchange.profile_seconds = per
         return [r for r in replies if int(r.metadata.src_node_id) not in late]

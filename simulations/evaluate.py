@@ -22,7 +22,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from torch import nn
 
 from fedagg.errors import ConfigError
 from simulations.cli import Parser
+
+if TYPE_CHECKING:
+    from simulations.config import RunConfig
 
 __all__ = ["Evaluation", "evaluate_run", "load_run", "main"]
 
@@ -44,7 +47,7 @@ class Evaluation:
     """
 
     run_dir: Path
-    config: dict[str, Any]
+    config: RunConfig
     logits: np.ndarray
     predictions: np.ndarray
     labels: np.ndarray
@@ -90,7 +93,7 @@ class Evaluation:
         return out
 
 
-def load_run(run_dir: str | Path) -> tuple[Any, nn.Module, Any]:
+def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any]:
     """``(RunConfig, model with the saved federated state, FederatedData)`` of a run directory."""
     from fedagg.data import load_federated
     from fedagg.models import build_model
@@ -150,7 +153,7 @@ def evaluate_run(run_dir: str | Path, batch_size: int = 256, limit: int | None =
         logits.append(out.float().cpu().numpy())
     lg = np.concatenate(logits) if logits else np.zeros((0, data.num_classes), np.float32)
     return Evaluation(
-        run_dir=Path(run_dir), config=cfg.model_dump(mode="json"), logits=lg,
+        run_dir=Path(run_dir), config=cfg, logits=lg,
         predictions=lg.argmax(axis=1).astype(np.int64), labels=np.asarray(data.test.y[:n], np.int64),
         domains=None if data.test.domain is None else np.asarray(data.test.domain[:n]),
         slots=np.concatenate(slots).astype(np.int64) if slots else None,
@@ -178,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def format_report(ev: Evaluation, *, per_domain: bool, slots: bool, top: int = 5) -> str:
     """The text report of :func:`main`."""
     cfg = ev.config
-    lines = [f"run: {ev.run_dir} (strategy {cfg['strategy']}, model {cfg['model']}, "
-             f"seed {cfg['seed']})",
+    lines = [f"run: {ev.run_dir} (strategy {cfg.strategy}, model {cfg.model}, seed {cfg.seed})",
              f"test accuracy: {100 * ev.accuracy:.2f} % ({len(ev.labels)} samples, per instance)"]
     summary_path = ev.run_dir / "summary.json"
     if summary_path.is_file() and ev.complete:

@@ -150,7 +150,7 @@ def serve(grid: Grid, cfg: RunConfig, settings: AppSettings, trackers: list[str]
     from simulations.trackers import Trackers
 
     sim = Simulation(cfg, overwrite=settings.overwrite, on_round=_log_round(cfg.rounds))
-    tracking = Trackers(trackers, sim.run_dir, sim.config)
+    tracking = Trackers(trackers, sim.run_dir, sim.cfg)
     tracking.attach(sim)
     try:
         result = sim.run(grid=grid, node_of_client=nodes)
@@ -234,7 +234,7 @@ def runtime_for(context: Context) -> ClientRuntime:
     if key not in _RUNTIMES:
         settings = parse_run_config(context.run_config)
         cfg = settings.config(None if partitions is None else int(partitions))  # type: ignore[arg-type]
-        _RUNTIMES[key] = ClientRuntime(cfg.model_dump(mode="json"))
+        _RUNTIMES[key] = ClientRuntime(cfg)
     return _RUNTIMES[key]
 
 

@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"warning: {line}", file=sys.stderr)
                 sim = Simulation(cfg, overwrite=args.overwrite, progress=not args.no_progress,
                                  resume=bool(args.resume))
-                trackers = Trackers(names, sim.run_dir, sim.config)
+                trackers = Trackers(names, sim.run_dir, sim.cfg)
                 trackers.attach(sim)
             except ConfigError as exc:
                 print(f"error: {exc}", file=sys.stderr)

@@ -36,13 +36,7 @@ from fedagg.training import evaluate, load_numpy_state, state_to_numpy
 from simulations.byzantine import build_corruption
 from simulations.checkpoint import Checkpoint, read_latest, write_checkpoint
 from simulations.client_app import ClientRuntime, make_client_app
-from simulations.config import (
-    RunConfig,
-    config_changes,
-    dump_yaml,
-    load_config,
-    strategy_build_params,
-)
+from simulations.config import RunConfig, config_changes, dump_yaml, load_config
 from simulations.engine import choose_engine, get_engine
 from simulations.environment import EnvironmentGrid
 from simulations.results import RunWriter, save_arrays
@@ -80,12 +74,10 @@ class Simulation:
 
     def __init__(self, cfg: RunConfig, *, overwrite: bool = False, progress: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> None:
-        self.cfg = cfg
-        self.config = cfg.model_dump(mode="json")
+        self.run_dir = cfg.run_dir()
+        self.cfg = cfg = cfg.model_copy(update={"out": str(self.run_dir)})
         self.progress = progress
         self.on_round = on_round
-        self.run_dir = cfg.run_dir()
-        self.config["out"] = str(self.run_dir)
         RunWriter.check(self.run_dir, overwrite=overwrite, resume=resume)
         self._stored_rounds = cfg.rounds  # of config.yaml; a resume may change rounds
         self.checkpoint: Checkpoint | None = self._resume_point() if resume else None
@@ -95,10 +87,10 @@ class Simulation:
             partition_args=cfg.resolved_partition_args(), dataset_args=cfg.dataset_args,
             test_fraction=cfg.test_fraction, rng=stream,
         )
-        self.runtime = ClientRuntime(self.config)
+        self.runtime = ClientRuntime(cfg)
         self.runtime.set_data(self.data)
         self.probabilities, self.participation = self._participation(stream)
-        self.strategy = strategies.build(cfg.strategy, **self._strategy_params())
+        self.strategy = strategies.build_run(cfg, **self._offered())
         self.corrupt = build_corruption(cfg)
         self.runtime.model()  # builds the model now, so bad model_args fail before any file is written
         self.test_x = torch.as_tensor(self.data.test.x, device=self.runtime.device)
@@ -107,7 +99,7 @@ class Simulation:
         self.writer = RunWriter(self.run_dir, overwrite=overwrite, resume=resume)
         try:
             if self.checkpoint is None or self._stored_rounds != cfg.rounds:  # (re)write it
-                self.writer.write_config(dump_yaml(RunConfig.model_validate(self.config)))
+                self.writer.write_config(dump_yaml(cfg))
             if self.checkpoint is not None:
                 self._restore(self.checkpoint)
         except BaseException:
@@ -118,7 +110,8 @@ class Simulation:
         """The checkpoint to continue from; refuses a config that differs from the run's
         ``config.yaml`` in anything but ``rounds``, and ``rounds`` below the checkpoint's round."""
         stored = load_config(self.run_dir / "config.yaml", {"out": str(self.run_dir)})
-        changed = [k for k, _, _ in config_changes(self.config, stored.model_dump(mode="json"))
+        changed = [k for k, _, _ in config_changes(self.cfg.model_dump(mode="json"),
+                                                   stored.model_dump(mode="json"))
                    if k not in ("out", "rounds")]
         if changed:
             raise ConfigError("resume", f"the config differs from {self.run_dir / 'config.yaml'} "
@@ -150,17 +143,15 @@ class Simulation:
         p = build_probabilities(part.probabilities, n, histograms=self.data.label_histograms(), rng=stream)
         return p, build_process(part.process, p, stream, first_round=1, **part.args)
 
-    def _strategy_params(self) -> dict[str, Any]:
-        """Config-derived parameters plus what the environment offers to strategies that ask:
-        ``probabilities`` (true p_n, for the known-p baseline) and ``validation`` (a server-side
-        validation split, for soups)."""
-        params = strategy_build_params(self.cfg)
-        entry = strategies.REGISTRY.entry(self.cfg.strategy)
-        if entry.param("probabilities") is not None and "probabilities" not in params:
-            params["probabilities"] = self.probabilities.tolist()
-        if entry.param("validation") is not None:
-            params["validation"] = self.validation()
-        return params
+    def _offered(self) -> dict[str, Any]:
+        """What the environment offers to strategies that declare it (:func:`strategies.build_run`):
+        ``num_byzantine`` (robust rules: the default ``f``), ``probabilities`` (true p_n, for the
+        known-p baseline) and ``validation`` (a server-side validation split, for soups)."""
+        offered: dict[str, Any] = {"num_byzantine": self.cfg.num_byzantine,
+                                   "probabilities": self.probabilities.tolist()}
+        if strategies.REGISTRY.entry(self.cfg.strategy).param("validation") is not None:
+            offered["validation"] = self.validation()
+        return offered
 
     def validation(self) -> ServerValidation:
         """Server validation data: the union of the clients' held-out parts (never the test set)."""
@@ -199,7 +190,7 @@ class Simulation:
     def serve(self, grid: Grid, node_of_client: dict[int, int] | None = None) -> ArrayRecord:
         """Run all rounds on ``grid``; return the final global model."""
         cfg = self.cfg
-        clock = SimClock(self.config, self.runtime.profiles)
+        clock = SimClock(cfg, self.runtime.profiles)
         env = EnvironmentGrid(grid, cfg.num_clients, node_of_client=node_of_client,
                               available=self.available, corrupt=self.corrupt, clock=clock)
         if self.checkpoint is None:
@@ -348,7 +339,7 @@ class Simulation:
 
     def client_app(self) -> Any:
         """The run's ClientApp; it shares this process's runtime (data, model) when run inline."""
-        return make_client_app(self.config, runtime=self.runtime)
+        return make_client_app(self.cfg, runtime=self.runtime)
 
 
 @dataclasses.dataclass

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
 from fedagg.rng import numpy_rng
+from simulations.config import RunConfig
 from simulations.profiles import ProfileTable
 
 
@@ -37,26 +37,26 @@ class RoundTime:
 class SimClock:
     """Simulated time of the run (``time``: seconds since the start, cumulative)."""
 
-    def __init__(self, config: Mapping[str, Any], table: ProfileTable | None = None) -> None:
-        self.config = dict(config)
-        st = self.config.get("simulated_time") or {}
-        self.seconds_per_sample = float(st.get("seconds_per_sample", 2e-4))
-        self.latency = float(st.get("latency", 0.05))
-        self.jitter = float(st.get("jitter", 0.0))
-        self.deadline = st.get("deadline")
-        self.table = table or ProfileTable(self.config)
+    def __init__(self, config: RunConfig, table: ProfileTable | None = None) -> None:
+        self.config = config
+        st = config.simulated_time
+        self.seconds_per_sample = st.seconds_per_sample
+        self.latency = st.latency
+        self.jitter = st.jitter
+        self.deadline = st.deadline
+        self.table = table or ProfileTable(config)
         self.time = 0.0
 
     def client_seconds(self, server_round: int, cid: int, bytes_down: int, bytes_up: int) -> float:
         """Simulated duration of client ``cid``'s round (see module docstring)."""
         prof = self.table.of(cid)
-        steps = prof["local_steps"] if prof["local_steps"] is not None else self.config["local_steps"]
-        batch = prof["batch_size"] if prof["batch_size"] is not None else self.config["batch_size"]
-        compute = steps * batch * self.seconds_per_sample / float(prof["speed"])
-        comm = 2 * self.latency + 8.0 * (bytes_down + bytes_up) / (float(prof["bandwidth_mbps"]) * 1e6)
+        steps = prof.local_steps if prof.local_steps is not None else self.config.local_steps
+        batch = prof.batch_size if prof.batch_size is not None else self.config.batch_size
+        compute = steps * batch * self.seconds_per_sample / prof.speed
+        comm = 2 * self.latency + 8.0 * (bytes_down + bytes_up) / (prof.bandwidth_mbps * 1e6)
         factor = 1.0
         if self.jitter > 0:
-            factor = float(numpy_rng(int(self.config["seed"]), "simtime", server_round, cid)
+            factor = float(numpy_rng(self.config.seed, "simtime", server_round, cid)
                            .lognormal(0.0, self.jitter))
         return (compute + comm) * factor
 
@@ -75,10 +75,10 @@ class SimClock:
         return RoundTime(seconds, kept, late, durations)
 
 
-def expected_work(table: ProfileTable, config: Mapping[str, Any], cid: int) -> float:
+def expected_work(table: ProfileTable, config: RunConfig, cid: int) -> float:
     """Real cost of client ``cid``'s local training, ``steps · batch_size`` (for longest-first
     dispatch to workers; the simulated ``speed`` does not slow real computation)."""
     prof = table.of(cid)
-    steps = prof["local_steps"] if prof["local_steps"] is not None else config["local_steps"]
-    batch = prof["batch_size"] if prof["batch_size"] is not None else config["batch_size"]
+    steps = prof.local_steps if prof.local_steps is not None else config.local_steps
+    batch = prof.batch_size if prof.batch_size is not None else config.batch_size
     return float(np.float64(steps) * batch)

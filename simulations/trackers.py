@@ -35,6 +35,7 @@ import yaml
 from fedagg.errors import ConfigError, unknown_name
 
 if TYPE_CHECKING:
+    from simulations.config import RunConfig
     from simulations.runner import RunResult, Simulation
 
 #: Tracker name → (module it needs, the package that provides it).
@@ -187,11 +188,11 @@ class Trackers:
     ``finish(result)`` logs the final model and closes them; ``close()`` closes them after a failure.
     """
 
-    def __init__(self, names: Sequence[str], run_dir: Path, config: Mapping[str, Any]) -> None:
+    def __init__(self, names: Sequence[str], run_dir: Path, cfg: RunConfig) -> None:
         check_installed(names)
         self.names = list(names)
         self.run_dir = Path(run_dir)
-        self.config = dict(config)
+        self.config = cfg.model_dump(mode="json")  # trackers log it as flat params and text
         self._open: list[Tracker] | None = None
         self._closed = False
 

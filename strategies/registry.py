@@ -1,47 +1,72 @@
 """The strategy registry: CLI name == registry key == docs page name.
 
-Every entry's factory accepts the run-level parameters in :data:`COMMON_PARAMS` (filled by the
-runner from the top-level config) plus its own declared knobs (``strategy_args`` in a config).
+Every entry's factory accepts the run-level parameters in :data:`COMMON_PARAMS` plus its own
+declared knobs (``strategy_args`` in a config). The run-level parameters are declared once, as the
+typed fields of :class:`strategies.common.StrategyRun`; :func:`run_params` reads them from that
+object for one strategy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
+from fedagg.errors import ConfigError
 from fedagg.registry import Param, Registry
+from strategies.common import CommonParams, ServerOptimizerParams, StrategyRun, params_of
 
 REGISTRY: Registry[Strategy] = Registry("strategy")
 
-#: Run-level parameters every strategy accepts; the runner fills them from the top-level config.
-COMMON_PARAMS: tuple[Param, ...] = (
-    Param("num_clients", int, 10, "total client population N", low=1),
-    Param("clients_per_round", int, None, "clients trained per round among the available (null: all)",
-          low=1, nullable=True),
-    Param("seed", int, 0, "seed of the client-selection stream"),
-    Param("server_lr", float, 1.0, "global learning rate η: global += η · aggregate", low=0.0),
-    Param("min_replies", int, 1, "fewer usable replies than this keep the global model", low=0),
-    Param("max_update_norm", float, None, "reject updates with ‖local − global‖ above this",
-          low=0.0, low_open=True, nullable=True),
-)
+#: Run-level parameters every strategy accepts (from :class:`~strategies.common.CommonParams`).
+COMMON_PARAMS: tuple[Param, ...] = params_of(CommonParams)
 #: The server optimiser of every delta strategy (``strategies.base.DeltaStrategy``): run-level too,
 #: but only declared by strategies that honour them (Flower's own rules do not; setting one there
-#: is a ConfigError).
-SERVER_OPTIMIZER_PARAMS: tuple[Param, ...] = (
-    Param("server_momentum", float, None, "heavy-ball momentum m on the aggregate: "
-          "v = m·v + aggregate, global += η_t·v (null: 0)", low=0.0, high=1.0, high_open=True,
-          nullable=True),
-    Param("server_weight_decay", float, None, "server weight decay λ: the aggregate gets −λ·global "
-          "(torch SGD's weight_decay; null: 0)", low=0.0, nullable=True),
-    Param("server_lr_decay", float, None, "step decay: η_t = server_lr · decay^⌊(t−1)/every⌋ "
-          "(with server_lr_decay_every; null: constant)", low=0.0, low_open=True, high=1.0,
-          nullable=True),
-    Param("server_lr_decay_every", int, None, "rounds between server_lr decays (with "
-          "server_lr_decay)", low=1, nullable=True),
-)
+#: is a ConfigError). From :class:`~strategies.common.ServerOptimizerParams`.
+SERVER_OPTIMIZER_PARAMS: tuple[Param, ...] = params_of(ServerOptimizerParams)
 SERVER_OPTIMIZER_NAMES = frozenset(p.name for p in SERVER_OPTIMIZER_PARAMS)
 COMMON_NAMES = frozenset(p.name for p in (*COMMON_PARAMS, *SERVER_OPTIMIZER_PARAMS))
+
+
+def run_params(run: StrategyRun, **offered: Any) -> dict[str, Any]:
+    """Keyword arguments for ``build(run.strategy, ...)``, read from the typed ``run``.
+
+    Run-level parameters (:data:`COMMON_NAMES`) and ``aggregator`` go to a strategy that declares
+    them (null ones are left to its default); one it does not declare is a ConfigError naming the
+    key unless it has its default value (never silently dropped). ``offered`` are what the
+    environment can give (``num_byzantine``, ``probabilities``, ``validation``): passed to a
+    strategy that declares them. ``strategy_args`` come last and win; a run-level name in them is a
+    ConfigError (set the top-level key).
+    """
+    entry = REGISTRY.entry(run.strategy, field="strategy")
+    clash = sorted(set(run.strategy_args) & COMMON_NAMES)
+    if clash:
+        raise ConfigError(f"strategy_args.{clash[0]}", f"set the top-level key `{clash[0]}` instead")
+    out: dict[str, Any] = {}
+    for key, field in [*CommonParams.model_fields.items(), *ServerOptimizerParams.model_fields.items(),
+                       ("aggregator", StrategyRun.model_fields["aggregator"])]:
+        value = getattr(run, key)
+        if entry.param(key) is not None:
+            if value is not None:
+                out[key] = value
+        elif value != field.default:
+            raise ConfigError(key, _cannot_honour(entry.name, key, entry.param("eta") is not None))
+    out.update({k: v for k, v in offered.items() if entry.param(k) is not None})
+    out.update(run.strategy_args)
+    return out
+
+
+def _cannot_honour(name: str, key: str, has_eta: bool) -> str:
+    """Why strategy ``name`` refuses run-level ``key`` (see :func:`run_params`)."""
+    if key == "server_lr":
+        own = " (its server step is strategy_args.eta)" if has_eta else ""
+        return (f"strategy {name!r} is Flower's own rule and has no server learning rate to "
+                f"set{own}; unset server_lr or use a fedagg delta strategy")
+    if key == "aggregator":
+        return f"strategy {name!r} has no aggregator to choose"
+    return (f"strategy {name!r} is Flower's own rule with its own server step and cannot honour "
+            "it; use a fedagg delta strategy (fedavg, fedau, the robust rules, soups) or unset it")
 
 
 @dataclasses.dataclass(frozen=True)

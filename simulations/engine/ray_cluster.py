@@ -112,22 +112,22 @@ def worker_pools(ray: Any, cfg: RunConfig, table: ProfileTable) -> list[WorkerPo
     pools = []
     for i, prof in enumerate(table.profiles):
         if counts[i] == 0:
-            pools.append(WorkerPool(prof["name"], 0, {}))
+            pools.append(WorkerPool(prof.name, 0, {}))
             continue
-        opts: dict[str, Any] = {"num_cpus": prof["num_cpus"], "num_gpus": prof["num_gpus"]}
-        if prof["resources"]:
-            opts["resources"] = dict(prof["resources"])
+        opts: dict[str, Any] = {"num_cpus": prof.num_cpus, "num_gpus": prof.num_gpus}
+        if prof.resources:
+            opts["resources"] = dict(prof.resources)
         where = f"profiles[{i}]" if i < len(cfg.profiles) else "profiles (default)"
         if opts["num_gpus"] > 0 and float(ray.cluster_resources().get("GPU", 0)) == 0:
-            if prof["gpu"] != "optional":
-                raise ConfigError(f"{where}.num_gpus", f"profile {prof['name']!r} asks for "
+            if prof.gpu != "optional":
+                raise ConfigError(f"{where}.num_gpus", f"profile {prof.name!r} asks for "
                                   f"{opts['num_gpus']} GPU per worker but the Ray cluster has no GPU; "
                                   "set gpu: optional to run it on CPU")
-            log.warning("profile %r: no GPU in the cluster, running on CPU (gpu: optional)", prof["name"])
+            log.warning("profile %r: no GPU in the cluster, running on CPU (gpu: optional)", prof.name)
             opts["num_gpus"] = 0.0
         _check_resources(ray, opts, where)
-        pools.append(WorkerPool(prof["name"], prof["workers"] or 0, opts))
-    auto = [i for i, p in enumerate(table.profiles) if counts[i] > 0 and not p["workers"]]
+        pools.append(WorkerPool(prof.name, prof.workers or 0, opts))
+    auto = [i for i, p in enumerate(table.profiles) if counts[i] > 0 and not p.workers]
     fixed = sum(p.workers for p in pools)
     for i, w in zip(auto, split_workers([int(counts[i]) for i in auto], max(0, total - fixed)), strict=True):
         pools[i] = dataclasses.replace(pools[i], workers=w)

@@ -83,8 +83,7 @@ def honest_updates(run_dir: Path, trained: bool, count: int, seed: int) -> np.nd
         params = list(model.parameters())
         out = []
         for k in range(count):
-            idx = gen.choice(sim.data.client_train[k], int(data.get("batch_size", 32)),
-                             replace=False)
+            idx = gen.choice(sim.data.client_train[k], sim.cfg.batch_size, replace=False)
             x = torch.as_tensor(sim.data.pool.x[idx])
             y = torch.as_tensor(sim.data.pool.y[idx]).long()
             model.zero_grad()

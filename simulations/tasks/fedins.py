@@ -41,7 +41,7 @@ def _fedins_args(rt: ClientRuntime, config: ConfigRecord) -> tuple[SSFPoolModel,
     """The pool model, λ and the optimizer of a ``fedins`` train message (ConfigError if bad)."""
     model = rt.model()
     if not isinstance(model, SSFPoolModel):
-        raise ConfigError("model", f"task 'fedins' needs model: fedins, got {rt.config['model']!r}")
+        raise ConfigError("model", f"task 'fedins' needs model: fedins, got {rt.config.model!r}")
     lam = float(config.get("fedins-lambda", 0.1))
     if not 0.0 <= lam <= 1.0 or math.isnan(lam):
         raise ConfigError("strategy_args.lam", f"must be in [0, 1], got {lam}")

@@ -69,7 +69,7 @@ def test_tiny_memory_budget_cuts_rounds_into_several_batches(tmp_path) -> None:
     from simulations.client_app import ClientRuntime
 
     rt = ClientRuntime(load_config(None, {"model": "mlp", "num_clients": 8, "dataset_args": {"num_samples": 800},
-                                          **sim_cfg}).model_dump())
+                                          **sim_cfg}))
     assert rt.batch_limit() < 8
     for k in whole.arrays:
         np.testing.assert_allclose(cut.arrays[k], whole.arrays[k], rtol=0, atol=1e-5)

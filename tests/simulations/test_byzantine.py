@@ -135,15 +135,14 @@ def test_real_attacks_through_the_hook() -> None:
 
 def test_labelflip_is_applied_client_side_only_to_byzantine_clients() -> None:
     cfg = load_config(None, {**SMALL, "attack": "labelflip", "num_byzantine": 2, "seed": 1})
-    config = cfg.model_dump(mode="json")
     ids = byzantine_ids(1, 6, 2)
     y = np.array([0, 3, 9, 9])
     for cid in range(6):
-        got = data_attack(config, cid, y, num_classes=10)
+        got = data_attack(cfg, cid, y, num_classes=10)
         assert np.array_equal(got, 9 - y if cid in ids else y), cid
     assert build_corruption(cfg)(1, [], None) == []  # model updates untouched
-    rt = ClientRuntime(config)
-    clean = ClientRuntime(load_config(None, {**SMALL, "seed": 1}).model_dump(mode="json"))
+    rt = ClientRuntime(cfg)
+    clean = ClientRuntime(load_config(None, {**SMALL, "seed": 1}))
     for cid in range(6):
         yb, yc = rt.tensors(cid).y.numpy(), clean.tensors(cid).y.numpy()
         assert np.array_equal(yb, 9 - yc if cid in ids else yc)

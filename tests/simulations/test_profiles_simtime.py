@@ -17,12 +17,12 @@ TWO = [{"name": "fast", "fraction": 0.7, "speed": 1.0},
 
 
 def test_profile_assignment_is_seeded_and_sized() -> None:
-    cfg = load_config(None, {"num_clients": 10, "profiles": TWO}).model_dump()
+    cfg = load_config(None, {"num_clients": 10, "profiles": TWO})
     a = assignment(cfg)
     assert profile_sizes(cfg) == [7, 3, 0]
     assert np.bincount(a, minlength=3).tolist() == [7, 3, 0]
     assert np.array_equal(a, assignment(cfg))
-    other = assignment({**cfg, "seed": 1})
+    other = assignment(cfg.model_copy(update={"seed": 1}))
     assert not np.array_equal(a, other)
 
 
@@ -39,7 +39,7 @@ def test_profile_validation_errors_name_the_field() -> None:
 
 def test_client_seconds_follow_the_formula() -> None:
     cfg = load_config(None, {"num_clients": 10, "profiles": TWO, "local_steps": 5, "batch_size": 32,
-                             "simulated_time": {"seconds_per_sample": 1e-3, "latency": 0.1}}).model_dump()
+                             "simulated_time": {"seconds_per_sample": 1e-3, "latency": 0.1}})
     table = ProfileTable(cfg)
     clock = SimClock(cfg, table)
     fast = int(np.flatnonzero(table.assignment == 0)[0])
@@ -81,8 +81,8 @@ def test_profile_overrides_local_steps_and_dropout(tmp_path) -> None:
     cfg = load_config(None, {"engine": "inline", "rounds": 2, "num_clients": 10, "model": "mlp",
                              "dataset_args": {"num_samples": 1000}, "profiles": profs,
                              "out": str(tmp_path / "d")})
-    rt = ClientRuntime(cfg.model_dump())
-    flaky = [c for c in range(10) if rt.profiles.of(c)["name"] == "flaky"]
+    rt = ClientRuntime(cfg)
+    flaky = [c for c in range(10) if rt.profiles.of(c).name == "flaky"]
     steady = [c for c in range(10) if c not in flaky]
     tc = rt.train_config(ConfigRecord({"local-steps": 5}), flaky[0])
     assert (tc.steps, tc.batch_size) == (1, 8)

@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import Krum as FlowerKrum
 import fedagg.aggregators as agg
 import strategies
 from fedagg.errors import ConfigError
-from simulations.config import load_config, strategy_params
+from simulations.config import load_config
 from strategies.arrays import Layout, to_numpy
 from strategies.robust import RULE_STRATEGIES, RobustStrategy
 from strategies.testing import run_round
@@ -77,9 +77,10 @@ def test_robust_strategy_runs_any_chain_and_routes_params() -> None:
 def test_f_defaults_to_num_byzantine_through_the_runner_config() -> None:
     cfg = load_config(None, {"strategy": "robust", "aggregator": "nnm+krum", "num_clients": 15,
                              "num_byzantine": 3, "attack": "alie"})
-    params = strategy_params(cfg)
+    params = strategies.run_params(cfg)
     assert params["aggregator"] == "nnm+krum" and "num_byzantine" not in params
-    s = strategies.build("robust", **params, num_byzantine=cfg.num_byzantine)
+    assert strategies.run_params(cfg, num_byzantine=cfg.num_byzantine)["num_byzantine"] == 3
+    s = strategies.build_run(cfg, num_byzantine=cfg.num_byzantine)
     assert s.f == 3 and s.rule.summary().startswith("nnm(f=3) + krum(f=3")
     s = strategies.build("krum", num_clients=15, num_byzantine=3, f=1)  # explicit f wins
     assert s.f == 1

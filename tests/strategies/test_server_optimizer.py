@@ -9,7 +9,7 @@ import torch
 
 import strategies
 from fedagg.errors import ConfigError
-from simulations.config import load_config, strategy_params
+from simulations.config import load_config
 from simulations.results import load_arrays, save_arrays
 from strategies.arrays import Layout, to_numpy
 from strategies.robust import RULE_STRATEGIES
@@ -251,17 +251,16 @@ def test_config_keys_reach_the_strategy():
     cfg = load_config(None, {"strategy": "median", "server_momentum": 0.9,
                              "server_weight_decay": 5e-4, "server_lr_decay": 0.2,
                              "server_lr_decay_every": 10})
-    s = strategies.build(cfg.strategy, **strategy_params(cfg))
+    s = strategies.build_run(cfg)
     assert (s.server_momentum, s.server_weight_decay, s.server_lr_decay,
             s.server_lr_decay_every) == (0.9, 5e-4, 0.2, 10)
     plain = load_config(None, {"strategy": "fedau"})
-    params = strategy_params(plain)
+    params = strategies.run_params(plain)
     assert not set(params) & strategies.SERVER_OPTIMIZER_NAMES  # unset keys are not passed
     # fedavgm: server_momentum is Flower's β (default 0.9), set at the top level
-    assert strategies.build("fedavgm", **strategy_params(load_config(None, {"strategy": "fedavgm"}))
-                            ).server_momentum == 0.9
+    assert strategies.build_run(load_config(None, {"strategy": "fedavgm"})).server_momentum == 0.9
     cfg = load_config(None, {"strategy": "fedavgm", "server_momentum": 0.5})
-    assert strategies.build("fedavgm", **strategy_params(cfg)).server_momentum == 0.5
+    assert strategies.build_run(cfg).server_momentum == 0.5
 
 
 def test_strategy_level_validation():
