@@ -51,10 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: rounds: must be >= {LAST} (the summary averages the last {LAST})", file=sys.stderr)
         return 2
     from fedagg.errors import ConfigError
-    from simulations.config import load_config
+    from simulations.core.config import load_config
+    from simulations.core.runner import Simulation
     from simulations.plot import plot_runs, save_figure
     from simulations.run import quiet_logs
-    from simulations.runner import Simulation
 
     quiet_logs()
     out = Path(args.out)

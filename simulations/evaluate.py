@@ -32,7 +32,7 @@ from fedagg.errors import ConfigError
 from simulations.cli import Parser
 
 if TYPE_CHECKING:
-    from simulations.config import RunConfig
+    from simulations.core.config import RunConfig
 
 __all__ = ["Evaluation", "evaluate_run", "load_run", "main"]
 
@@ -98,8 +98,8 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, Any]:
     from fedagg.data import load_federated
     from fedagg.models import build_model
     from fedagg.training import load_numpy_state
-    from simulations.config import load_config
-    from simulations.results import load_arrays
+    from simulations.core.config import load_config
+    from simulations.core.results import load_arrays
 
     run = Path(run_dir)
     if not run.is_dir():

@@ -16,12 +16,12 @@ keys (:data:`APP_KEYS`):
 
 An empty string leaves a key at the run config's default; an unset ``num-clients`` means one client
 per SuperNode (the ``num-partitions`` of the nodes' node config). Values are validated by
-:func:`simulations.config.build_config`, so a bad value fails with the CLI's one-line message (the
+:func:`simulations.core.config.build_config`, so a bad value fails with the CLI's one-line message (the
 run ends ``finished:failed`` with it as the status details, see ``flwr ls``).
 
-The ServerApp runs :meth:`simulations.runner.Simulation.run` on Flower's grid and writes the same run
+The ServerApp runs :meth:`simulations.core.runner.Simulation.run` on Flower's grid and writes the same run
 directory as ``simulations.run``; Flower's node ids are mapped to clients by asking each node its
-``partition-id``. The ClientApp builds its :class:`~simulations.client_app.ClientRuntime` from the
+``partition-id``. The ClientApp builds its :class:`~simulations.core.client_app.ClientRuntime` from the
 run config it receives (``Context.run_config``): in a deployment it is another process, on another
 machine, than the ServerApp.
 """
@@ -41,11 +41,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedagg.errors import ConfigError
-from simulations.config import RunConfig, build_config, parse_override, set_dotted
+from simulations.core.config import RunConfig, build_config, parse_override, set_dotted
 from simulations.run import FLAGS, NAME_KEYS
 
 if TYPE_CHECKING:  # torch and the data stack load only in processes that train or serve
-    from simulations.client_app import ClientRuntime
+    from simulations.core.client_app import ClientRuntime
 
 #: Node config key holding the federation size (Flower's simulation runtime sets it on every node).
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -116,7 +116,7 @@ def tracker_names(settings: AppSettings) -> list[str]:
     """Trackers asked for by ``log`` (checked: known names, packages installed)."""
     if not settings.log:
         return []
-    from simulations.trackers import check_installed, parse_names
+    from simulations.core.trackers import check_installed, parse_names
 
     names = parse_names([settings.log])
     check_installed(names)
@@ -146,8 +146,8 @@ def serve(grid: Grid, cfg: RunConfig, settings: AppSettings, trackers: list[str]
           nodes: dict[int, int]) -> None:
     """Run ``cfg`` on Flower's ``grid`` (``nodes``: client id → node id) and write its run
     directory (and tracker outputs)."""
-    from simulations.runner import Simulation
-    from simulations.trackers import Trackers
+    from simulations.core.runner import Simulation
+    from simulations.core.trackers import Trackers
 
     sim = Simulation(cfg, overwrite=settings.overwrite, on_round=_log_round(cfg.rounds))
     tracking = Trackers(trackers, sim.run_dir, sim.cfg)
@@ -180,9 +180,9 @@ def federation(grid: Grid, settings: AppSettings) -> tuple[int, dict[int, int]]:
     Waits up to ``node-wait`` s for a first SuperNode, asks every connected one its
     ``partition-id`` and ``num-partitions``; the number of clients is ``num-clients`` or, unset,
     the nodes' ``num-partitions`` (they must agree). SuperNodes still missing then are waited for
-    by :func:`simulations.engine.partition_map`, which asks them all again.
+    by :func:`simulations.core.engine.partition_map`, which asks them all again.
     """
-    from simulations.engine import partition_map
+    from simulations.core.engine import partition_map
 
     deadline = time.monotonic() + settings.node_wait
     while not (nodes := sorted(grid.get_node_ids())):
@@ -227,7 +227,7 @@ _RUNTIMES: dict[tuple[tuple[str, Any], ...], ClientRuntime] = {}
 
 def runtime_for(context: Context) -> ClientRuntime:
     """The :class:`ClientRuntime` of the run ``context`` belongs to (built once per process)."""
-    from simulations.client_app import ClientRuntime
+    from simulations.core.client_app import ClientRuntime
 
     partitions = context.node_config.get(NUM_PARTITIONS_KEY)
     key = (*sorted(context.run_config.items()), (NUM_PARTITIONS_KEY, partitions))
@@ -251,7 +251,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
 @client_app.query()
 def _query(msg: Message, context: Context) -> Message:
     """This node's partition id and federation size (no data or model needed)."""
-    from simulations.client_app import client_id
+    from simulations.core.client_app import client_id
 
     metrics: dict[str, int] = {"client-id": client_id(context)}
     if NUM_PARTITIONS_KEY in context.node_config:

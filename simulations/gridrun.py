@@ -4,7 +4,7 @@
 - A **job** is anything with a ``name`` and a ``run_dir`` (:class:`Job`); its run is finished when
   the directory holds ``summary.json`` (studies may also accept ``failed.json``, a run the runner
   stopped early): :func:`finished`, :func:`read_summary`. The runner itself locks a running run's
-  directory (:class:`simulations.results.RunLock`), so two grids never write the same run.
+  directory (:class:`simulations.core.results.RunLock`), so two grids never write the same run.
 - :func:`plan` splits the jobs into those to run (new, unfinished, ``fresh``, or ``stale``: e.g.
   run with another config) and the finished ones that are reused: grids are resumable.
 - An **executor** runs ``run_job(job, fresh)`` for each job to run and yields ``(job, get)`` as

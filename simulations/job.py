@@ -59,7 +59,7 @@ _CHUNK = 4096
 class ResolvedRun:
     """What a job will run: ``argv`` for ``simulations.run``, its ``run_dir``, its ``strategy``,
     whether the user set the run directory (``out_given``), and the config's ``warnings``
-    (:func:`simulations.config.config_warnings`)."""
+    (:func:`simulations.core.config.config_warnings`)."""
 
     argv: list[str]
     run_dir: Path
@@ -78,7 +78,7 @@ def resolve_run_args(run_args: Sequence[str], *, default_out: str | None = None,
     (the submitting side validates against its working directory). Raises ``ConfigError`` for
     invalid input, exactly as the run would.
     """
-    from simulations.config import config_warnings, load_config
+    from simulations.core.config import config_warnings, load_config
     from simulations.run import build_parser, collect_overrides, resume_config
 
     argv = list(run_args)
@@ -188,7 +188,7 @@ def unpack_dir(data: bytes, dest: str | Path) -> list[Path]:
             target = (root / m.name).resolve()
             if root not in target.parents:
                 raise FetchError(f"refusing archive member outside the run directory: {m.name}")
-        # summary.json last: its presence marks a finished run (simulations.results).
+        # summary.json last: its presence marks a finished run (simulations.core.results).
         members.sort(key=lambda m: m.name == "summary.json")
         from fedagg.io import atomic_write_bytes
 

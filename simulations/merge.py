@@ -133,7 +133,7 @@ def _data_spec(raw: Any, field: str, fallback: DataSpec | None = None) -> DataSp
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.is_file():
             raise ConfigError(f"{field}.run", f"{run_dir} has no config.yaml (not a run directory?)")
-        from simulations.config import read_yaml
+        from simulations.core.config import read_yaml
 
         run_cfg = read_yaml(cfg_path)
     defaults: dict[str, Any] = {"dataset": "mnist1d", "dataset_args": {}, "split": "test",
@@ -322,7 +322,7 @@ def load_held_out(spec: DataSpec) -> HeldOut:
 
     if spec.split == "validation":
         assert spec.run_config is not None
-        from simulations.config import build_config
+        from simulations.core.config import build_config
 
         cfg = build_config(spec.run_config)
         fed = load_federated(
@@ -457,7 +457,7 @@ def scores_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_result(result: MergeResult) -> None:
     """Write the merged model and (if anything was scored) the scores CSV, atomically."""
-    from simulations.results import atomic_write_text, save_arrays
+    from simulations.core.results import atomic_write_text, save_arrays
 
     cfg = result.config
     # one metadata key: safetensors stores metadata in a hash map, so several keys would make
@@ -470,7 +470,7 @@ def write_result(result: MergeResult) -> None:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    from simulations.config import read_yaml
+    from simulations.core.config import read_yaml
 
     return read_yaml(path)
 

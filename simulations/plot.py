@@ -38,7 +38,7 @@ import yaml
 
 from fedagg.errors import ConfigError
 from simulations.cli import Parser
-from simulations.results import read_metrics
+from simulations.core.results import read_metrics
 
 #: Axis labels (with units) for known metrics and x-axes.
 LABELS = {

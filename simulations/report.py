@@ -25,7 +25,7 @@ def write_section(doc: str | Path, text: str, mark: str, empty: str = "") -> Pat
     without it gets the section appended after a blank line; a missing page starts as
     ``empty``. The page is written atomically (a reader never sees half a page).
     """
-    from simulations.results import atomic_write_text
+    from simulations.core.results import atomic_write_text
 
     path = Path(doc)
     start, end = f"<!-- {mark} -->", f"<!-- /{mark} -->"

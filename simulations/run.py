@@ -31,7 +31,7 @@ import yaml  # noqa: E402
 
 from fedagg.errors import ConfigError  # noqa: E402
 from simulations.cli import Parser  # noqa: E402
-from simulations.config import ENGINES  # noqa: E402
+from simulations.core.config import ENGINES  # noqa: E402
 
 #: (flag, config key, help). Values are parsed as YAML scalars and validated by the config schema.
 FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -99,7 +99,7 @@ def _epilog() -> str:
 
 def _with_default(key: str, help_text: str) -> str:
     """``help_text`` plus the config default of ``key`` (dotted), read from the schema."""
-    from simulations.config import config_default
+    from simulations.core.config import config_default
 
     if "(default" in help_text:
         return help_text
@@ -127,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     parser.add_argument("--log", action="append", default=[], metavar="TRACKER",
                         help="also log to tensorboard and/or mlflow (repeat or comma list; "
-                        "needs pip install 'fedagg[trackers]'; see simulations/trackers.py)")
+                        "needs pip install 'fedagg[trackers]'; see simulations/core/trackers.py)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
 
 def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags and ``key=value`` pairs as a dotted-key mapping (flags first, then pairs)."""
-    from simulations.config import parse_override
+    from simulations.core.config import parse_override
 
     out: dict[str, Any] = {}
     for _flag, key, _help in FLAGS:
@@ -153,7 +153,7 @@ def resume_config(args: argparse.Namespace) -> Any:
     """The config of the run to resume (its own config.yaml, pointing at its own directory)."""
     from pathlib import Path
 
-    from simulations.config import load_config
+    from simulations.core.config import load_config
 
     if args.config or args.overrides or any(getattr(args, k.replace(".", "__")) for _, k, _ in FLAGS):
         raise ConfigError("resume", "--resume takes the run's own config.yaml; drop the other flags")
@@ -191,15 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     if not args.verbose:
         quiet_logs()
-    from simulations.engine import sigterm_interrupts, termination_signal
+    from simulations.core.engine import sigterm_interrupts, termination_signal
 
     sim = None
     with sigterm_interrupts():  # SIGTERM: stop like Ctrl-C (Ray shuts down), exit 143
         try:
             try:
-                from simulations.config import config_warnings, load_config
-                from simulations.runner import Simulation
-                from simulations.trackers import Trackers, check_installed, parse_names
+                from simulations.core.config import config_warnings, load_config
+                from simulations.core.runner import Simulation
+                from simulations.core.trackers import Trackers, check_installed, parse_names
 
                 if args.resume:
                     cfg = resume_config(args)
@@ -240,7 +240,7 @@ def _collect_again() -> None:
 
 def _run(sim: Any, trackers: Any) -> int:
     """Run ``sim`` (logging to ``trackers``); print its one-line result or error; the exit code."""
-    from simulations.runner import RunError
+    from simulations.core.runner import RunError
 
     try:
         result = sim.run()

@@ -50,7 +50,7 @@ import yaml
 from fedagg.errors import ConfigError
 from simulations import gridrun
 from simulations.cli import Parser
-from simulations.results import BASE_COLUMNS, _fmt, atomic_write_text, read_metrics
+from simulations.core.results import BASE_COLUMNS, _fmt, atomic_write_text, read_metrics
 from simulations.sweep_grid import Cell, Sweep, config_difference, load_sweep
 
 
@@ -66,8 +66,8 @@ def run_cell(config: dict[str, Any], cell_dir: str, name: str) -> dict[str, Any]
     d = Path(cell_dir)
     try:
         (d / "error.txt").unlink(missing_ok=True)
-        from simulations.config import build_config
-        from simulations.runner import Simulation
+        from simulations.core.config import build_config
+        from simulations.core.runner import Simulation
 
         result = Simulation(build_config(config), overwrite=True).run()
         info.update(status="done", final_test_accuracy=result.summary["final_test_accuracy"])
@@ -257,8 +257,8 @@ def run_ray(sweep: Sweep, jobs: list[CellJob], address: str | None, max_parallel
             ) -> dict[str, dict[str, Any]]:
     """Run the cells of ``jobs`` as Ray tasks (≤ ``max_parallel`` in flight); a crashed task is
     recorded as a failed cell."""
-    from simulations.config import RayConfig
-    from simulations.engine import ray_session
+    from simulations.core.config import RayConfig
+    from simulations.core.engine import ray_session
 
     infos: dict[str, dict[str, Any]] = {}
     with ray_session(RayConfig(address=address)) as ray:
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from simulations.config import config_warnings
+    from simulations.core.config import config_warnings
 
     for line in dict.fromkeys(w for c in sweep.cells for w in config_warnings(c.config)):
         print(f"warning: {line}", file=sys.stderr)
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {states[c.name]:8s} {c.name}")
         return 0
     infos: dict[str, dict[str, Any]] = {}
-    from simulations.engine import sigterm_interrupts, termination_signal
+    from simulations.core.engine import sigterm_interrupts, termination_signal
 
     try:
         with sigterm_interrupts():  # SIGTERM stops the sweep like Ctrl-C

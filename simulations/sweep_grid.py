@@ -36,7 +36,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedagg.errors import ConfigError
-from simulations.config import (
+from simulations.core.config import (
     RunConfig,
     _pydantic_error,
     build_config,

@@ -3,7 +3,7 @@
 :class:`StrategyRun` is the typed, frozen part of a run that strategies read: which strategy
 (``strategy``, ``strategy_args``, ``aggregator``) and the run-level parameters every strategy may
 take (:class:`CommonParams`, :class:`ServerOptimizerParams`). The runner's configuration
-(``simulations.config.RunConfig``) inherits these fields, so each top-level key is declared here
+(``simulations.core.config.RunConfig``) inherits these fields, so each top-level key is declared here
 and nowhere else; the registry's :data:`~strategies.registry.COMMON_PARAMS` and
 :data:`~strategies.registry.SERVER_OPTIMIZER_PARAMS` are derived from them (:func:`params_of`).
 """

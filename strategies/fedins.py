@@ -7,7 +7,7 @@ config load; see ``Needs`` in :mod:`strategies.registry`): the model kind ``fedi
 (:mod:`fedagg.models.fedins`) makes the federated state exactly the pool tensors (SSF scale/shift
 pools ``(N, C)`` at every site, keys ``(N, D)``, head pools ``(N, K, D)`` and ``(N, K)``), so the
 broadcast and the replies carry nothing else and the frozen backbone is never touched by the server.
-The strategy asks clients for the ``fedins`` task (``simulations/tasks/fedins.py``: local steps on
+The strategy asks clients for the ``fedins`` task (``simulations/core/tasks/fedins.py``: local steps on
 the pool with ``(1 − λ)·CE + λ·(1 − Σ_{top-k} cos)``).
 
 Aggregation, in the delta form of every fedagg rule (``Δ_m = local_m − global``): slots are

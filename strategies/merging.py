@@ -23,7 +23,7 @@ Registered names (CLI name == registry key == section of ``docs/merging.md``):
   validation split (Wortsman et al. 2022, App. I).
 
 The soups that need held-out data declare a ``validation`` parameter: the runner passes a
-:class:`simulations.runner.ServerValidation` (the union of the clients' held-out parts, never the
+:class:`simulations.core.runner.ServerValidation` (the union of the clients' held-out parts, never the
 server test set). Any object with ``x``, ``y`` (numpy), ``score(arrays) -> accuracy``,
 ``loss(arrays) -> mean cross-entropy`` and ``model() -> nn.Module`` works, so the strategies can
 be used in a plain Flower ``ServerApp`` too.

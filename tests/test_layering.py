@@ -71,3 +71,30 @@ def test_only_the_compat_module_touches_flowers_private_fields() -> None:
     supercore = {f for f, n in imported_packages("strategies").items() if "flwr" in n
                  and "flwr.supercore.task_identity" in (ROOT / f).read_text()}
     assert supercore == {COMPAT}
+
+
+def imported_modules(package: str) -> dict[str, set[str]]:
+    """``{file: dotted modules it imports}`` (``from a.b import c`` gives ``a.b`` and ``a.b.c``)."""
+    out: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        out[str(path.relative_to(ROOT))] = names
+    return out
+
+
+def test_the_run_core_imports_no_tool_study_or_benchmark() -> None:
+    """``simulations.core`` (config, runner, engines, client app, results) is below the command
+    lines, studies and benchmarks that use it: it imports only itself among simulations' modules."""
+    mods = imported_modules("simulations/core")
+    assert len(mods) >= 12  # the detector sees the core's files
+    bad = {f: sorted(m for m in n if m.startswith("simulations.") and not m.startswith("simulations.core"))
+           for f, n in mods.items()}
+    bad = {f: m for f, m in bad.items() if m}
+    assert bad == {}
+    assert any("simulations.core.config" in n for n in mods.values())  # and sees its imports

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.bench.report import machine
-from simulations.results import read_metrics
+from simulations.core.results import read_metrics
 
 _MODEL = {"dataset": "mnist1d", "dataset_args": {"num_samples": 10000}, "test_fraction": 0.0,
           "model": "mlp", "local_steps": 5, "batch_size": 16, "lr": 0.2, "momentum": 0.0, "seed": 0}

@@ -30,8 +30,8 @@ SIZES = (1_000, 10_000)
 
 
 def one(num_clients: int, rounds: int, engine: str) -> dict[str, Any]:
-    from simulations.config import load_config
-    from simulations.runner import Simulation
+    from simulations.core.config import load_config
+    from simulations.core.runner import Simulation
 
     samples = max(5_000, 6 * num_clients)
     with tempfile.TemporaryDirectory() as tmp:

@@ -211,7 +211,7 @@ def availability_rate(process: Any, p: np.ndarray) -> np.ndarray:
 
 def _save_participation(sim: Any, job: Job) -> None:
     """``participation.safetensors`` of the run: the true p_n and the availability rate."""
-    from simulations.results import save_arrays
+    from simulations.core.results import save_arrays
 
     p = np.asarray(sim.probabilities, dtype=np.float64)
     save_arrays(job.run_dir / "participation.safetensors",
@@ -577,7 +577,7 @@ def plot_convergence(results: Mapping[str, Any], methods: Sequence[str], path: P
 
 def fedau_weights(run_dir: Path) -> np.ndarray:
     """Final FedAU weights ``ω_n: (N,)`` of a finished ``fedau`` run."""
-    from simulations.results import load_arrays
+    from simulations.core.results import load_arrays
 
     return np.asarray(load_arrays(run_dir / "strategy_state.safetensors")["fedau.weights"])
 
@@ -585,7 +585,7 @@ def fedau_weights(run_dir: Path) -> np.ndarray:
 def plot_weights(exp: Mapping[str, Any], out: Path, path: Path,
                  methods: Sequence[str] = ("fedau", "fedau-k50")) -> bool:
     """ω_n (seed ``seeds[0]``) against 1/rate_n, one panel per pattern; False if no run to read."""
-    from simulations.results import load_arrays
+    from simulations.core.results import load_arrays
 
     plt = grid.pyplot()
     seed = exp["seeds"][0]
@@ -629,7 +629,7 @@ def plot_weights(exp: Mapping[str, Any], out: Path, path: Path,
 def weight_stats(exp: Mapping[str, Any], out: Path) -> dict[str, Any]:
     """Per pattern and FedAU variant (seed 0): median |log(ω_n · rate_n)| and the correlation of
     log ω_n with log(1/rate_n) over the clients that completed at least one interval."""
-    from simulations.results import load_arrays
+    from simulations.core.results import load_arrays
 
     seed = exp["seeds"][0]
     stats: dict[str, Any] = {}
@@ -693,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         walls["invocation"] = time.perf_counter() - t0
     stats = weight_stats(exp, out)
-    from simulations.results import atomic_write_text
+    from simulations.core.results import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(
         {"config": exp, "tuning": tuning, "chosen": chosen_values(tuning) if tuning else {},

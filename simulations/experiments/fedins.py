@@ -776,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              for s in dict.fromkeys([style, *exp["query_check"]])}
     params = backbone_parameters(exp["base"])
     missing = missing_cells(jobs)
-    from simulations.results import atomic_write_text
+    from simulations.core.results import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(
         {"config": exp, "tuning": tuned, "chosen": chosen_values(tuned) if tuned else {},

@@ -65,7 +65,7 @@ def load_grid(path: str | Path, required: Sequence[str], optional: Sequence[str]
     ``quick`` (ConfigError naming the key). ``quick`` applies the ``quick`` section: its ``base``
     merges into ``base``, its other keys replace; the section itself is dropped either way.
     """
-    from simulations.config import read_yaml
+    from simulations.core.config import read_yaml
 
     exp = read_yaml(path)
     for key in required:
@@ -84,9 +84,9 @@ def load_grid(path: str | Path, required: Sequence[str], optional: Sequence[str]
 
 
 def validate_cell(data: Mapping[str, Any], cell: str) -> None:
-    """Check one cell's run config with :func:`simulations.config.build_config`; its ConfigError
+    """Check one cell's run config with :func:`simulations.core.config.build_config`; its ConfigError
     is re-raised on ``<cell>.<field>`` (e.g. ``bernoulli.fedau.lr``)."""
-    from simulations.config import build_config
+    from simulations.core.config import build_config
 
     try:
         build_config(data)
@@ -151,8 +151,8 @@ def run_simulation(job: GridJob, fresh: bool = False, *,
     ``cpu_seconds`` (of this process) and ``reused``.
 
     ``quiet()`` runs after the runner's imports; ``setup(sim, job)`` between building the
-    :class:`~simulations.runner.Simulation` and running it. A
-    :class:`~simulations.runner.RunError` (the runner stopped the run, e.g. every update of a round
+    :class:`~simulations.core.runner.Simulation` and running it. A
+    :class:`~simulations.core.runner.RunError` (the runner stopped the run, e.g. every update of a round
     rejected) propagates unless ``keep_failed``: then ``failed.json`` records the error, the last
     evaluated round and its test accuracy, and the run counts as finished.
     """
@@ -160,9 +160,9 @@ def run_simulation(job: GridJob, fresh: bool = False, *,
         return read_summary(job.run_dir, keep_failed)
     import torch
 
-    from simulations.config import build_config
-    from simulations.results import atomic_write_text
-    from simulations.runner import RunError, Simulation
+    from simulations.core.config import build_config
+    from simulations.core.results import atomic_write_text
+    from simulations.core.runner import RunError, Simulation
 
     torch.set_num_threads(1)
     quiet()
@@ -190,7 +190,7 @@ def run_simulation(job: GridJob, fresh: bool = False, *,
 def config_stale(job: GridJob) -> bool:
     """Whether the finished run of ``job`` was run with another config than ``job.config`` (its
     ``config.yaml`` differs in a key other than ``out``), e.g. after a tuned value changed."""
-    from simulations.config import build_config, read_yaml
+    from simulations.core.config import build_config, read_yaml
     from simulations.sweep_grid import config_difference
 
     path = job.run_dir / "config.yaml"
@@ -254,7 +254,7 @@ def run_all(jobs: Sequence[GridJob], run_job: Callable[[Any, bool], dict[str, An
 # ------------------------------------------------------------------------------ results
 def run_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(rounds, test accuracy)`` of the evaluated rounds of a run (round 0 included)."""
-    from simulations.results import read_metrics
+    from simulations.core.results import read_metrics
 
     rows = read_metrics(run_dir)
     pts = [(float(r["round"]), float(r["test_accuracy"])) for r in rows
@@ -265,7 +265,7 @@ def run_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def train_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The ``train`` rows of a run's ``metrics.csv``."""
-    from simulations.results import read_metrics
+    from simulations.core.results import read_metrics
 
     return [r for r in read_metrics(run_dir) if r.get("phase") == "train"]
 

@@ -49,7 +49,7 @@ REFERENCE_ROWS = ("init", "best_client", "mean_client", "fisher")
 
 # ------------------------------------------------------------------------------ runs
 def _run_config(base: Mapping[str, Any], phase: Mapping[str, Any], seed: int, out: Path) -> Any:
-    from simulations.config import build_config
+    from simulations.core.config import build_config
 
     data = copy.deepcopy(dict(base))
     data.update(copy.deepcopy(dict(phase)))
@@ -62,8 +62,8 @@ def run_phase(base: Mapping[str, Any], phase: Mapping[str, Any], seed: int, out:
               capture: list[Any] | None = None) -> dict[str, Any]:
     """Run (or reuse) one simulation; return its summary. ``init`` replaces the initial model;
     ``capture`` receives the accepted replies of every round."""
-    from simulations.config import dump_yaml
-    from simulations.runner import Simulation
+    from simulations.core.config import dump_yaml
+    from simulations.core.runner import Simulation
     from strategies.arrays import to_record
 
     cfg = _run_config(base, phase, seed, out)
@@ -89,7 +89,7 @@ def run_phase(base: Mapping[str, Any], phase: Mapping[str, Any], seed: int, out:
 def oneshot(cfg: Mapping[str, Any], seed: int, root: Path, fresh: bool) -> dict[str, dict[str, float]]:
     """One-shot merging for one seed; ``{row: {test_accuracy, test_loss, val_accuracy}}``."""
     from simulations import merge as cli
-    from simulations.results import load_arrays, save_arrays
+    from simulations.core.results import load_arrays, save_arrays
     from strategies.arrays import to_numpy
     from strategies.base import reply_client_id, reply_num_examples
 
@@ -173,7 +173,7 @@ def oneshot(cfg: Mapping[str, Any], seed: int, root: Path, fresh: bool) -> dict[
     out = {k: {"test_accuracy": float(v["eval_accuracy"]), "test_loss": float(v["eval_loss"]),
                "val_accuracy": float(v["val_accuracy"])} for k, v in rows.items()}
     print(f"  one-shot seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    from simulations.results import atomic_write_text
+    from simulations.core.results import atomic_write_text
 
     atomic_write_text(cached, json.dumps({"protocol": {"base": base, **spec}, "scores": out},
                                          indent=1) + "\n")
@@ -182,7 +182,7 @@ def oneshot(cfg: Mapping[str, Any], seed: int, root: Path, fresh: bool) -> dict[
 
 def multiround(cfg: Mapping[str, Any], seed: int, root: Path, fresh: bool) -> dict[str, dict[str, Any]]:
     """Multi-round runs for one seed: ``{strategy: {final/best accuracy, curve, seconds}}``."""
-    from simulations.results import read_metrics
+    from simulations.core.results import read_metrics
 
     spec = cfg["multiround"]
     out: dict[str, dict[str, Any]] = {}
@@ -293,7 +293,7 @@ def plot_multiround(results: Mapping[int, Mapping[str, Mapping[str, Any]]], path
 
 # ------------------------------------------------------------------------------ CLI
 def load_experiment(path: str | Path) -> dict[str, Any]:
-    from simulations.config import read_yaml
+    from simulations.core.config import read_yaml
 
     cfg = read_yaml(path)
     for key in ("seeds", "base", "oneshot", "multiround"):
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    import simulations.runner  # noqa: F401  (imports flwr, which sets its logger's level)
+    import simulations.core.runner  # noqa: F401  (imports flwr, which sets its logger's level)
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     threads = torch.get_num_threads()
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_experiment(cfg: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Run the parts asked for, write ``results.json`` and (if asked) docs tables and figures."""
-    from simulations.results import atomic_write_text
+    from simulations.core.results import atomic_write_text
 
     seeds = args.seeds if args.seeds else [int(s) for s in cfg["seeds"]]
     out = Path(args.out)

@@ -742,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = sum(float(grid.read_summary(j.run_dir, failed=True).get("wall_seconds", 0.0))
                for j in all_jobs if _usable(j))
     out.mkdir(parents=True, exist_ok=True)
-    from simulations.results import atomic_write_text
+    from simulations.core.results import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(
         {"config": exp, "tuning": tuning, "results": results, "run_wall_seconds": wall},

@@ -67,9 +67,9 @@ def honest_updates(run_dir: Path, trained: bool, count: int, seed: int) -> np.nd
     import torch
     import yaml
 
-    from simulations.config import build_config
-    from simulations.results import load_arrays
-    from simulations.runner import Simulation
+    from simulations.core.config import build_config
+    from simulations.core.results import load_arrays
+    from simulations.core.runner import Simulation
 
     data = yaml.safe_load((run_dir / "config.yaml").read_text())
     with tempfile.TemporaryDirectory() as tmp:

@@ -89,7 +89,7 @@ def check_last_rounds(last: Any, base: Mapping[str, Any], lengths: Mapping[str, 
     """``last_rounds`` checked: an integer >= 1, at most each of ``lengths`` (``{where: rounds}``),
     and every one of the last ``last`` rounds evaluated by ``base`` at that length
     (``eval_every`` 1, or ``eval_last >= last``)."""
-    from simulations.config import RunConfig
+    from simulations.core.config import RunConfig
 
     if not isinstance(last, int) or isinstance(last, bool) or last < 1:
         raise ConfigError("last_rounds", f"must be an integer >= 1 (got {last!r})")
@@ -126,7 +126,7 @@ def tuning_score(run_dir: Path, last: int) -> float:
 
 def diverged(run_dir: Path) -> bool:
     """Whether the run's final global model (``model.safetensors``) has a non-finite parameter."""
-    from simulations.results import load_arrays
+    from simulations.core.results import load_arrays
 
     return not all(np.isfinite(a).all() for a in load_arrays(run_dir / "model.safetensors").values())
 

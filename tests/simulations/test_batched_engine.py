@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from simulations.config import load_config
-from simulations.engine.executors import Job, plan_chunks
-from simulations.runner import Simulation
+from simulations.core.config import load_config
+from simulations.core.engine.executors import Job, plan_chunks
+from simulations.core.runner import Simulation
 from strategies.flower_compat import ensure_task_identity
 
 ensure_task_identity()
@@ -66,7 +66,7 @@ def test_tiny_memory_budget_cuts_rounds_into_several_batches(tmp_path) -> None:
     whole = _run(tmp_path, "whole")
     sim_cfg = {"batch_memory_mb": 0.2}
     cut = _run(tmp_path, "cut", **sim_cfg)
-    from simulations.client_app import ClientRuntime
+    from simulations.core.client_app import ClientRuntime
 
     rt = ClientRuntime(load_config(None, {"model": "mlp", "num_clients": 8, "dataset_args": {"num_samples": 800},
                                           **sim_cfg}))

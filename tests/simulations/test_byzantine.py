@@ -12,11 +12,11 @@ import strategies
 from fedagg.attacks import Attack
 from fedagg.errors import ConfigError
 from simulations import run as run_cli
-from simulations.byzantine import Corruption, build_corruption, byzantine_ids, data_attack
-from simulations.client_app import ClientRuntime
-from simulations.config import load_config
-from simulations.results import load_arrays, read_metrics
-from simulations.runner import Simulation
+from simulations.core.byzantine import Corruption, build_corruption, byzantine_ids, data_attack
+from simulations.core.client_app import ClientRuntime
+from simulations.core.config import load_config
+from simulations.core.results import load_arrays, read_metrics
+from simulations.core.runner import Simulation
 from strategies.arrays import Layout, to_numpy, to_record
 from strategies.testing import FakeGrid, reply
 

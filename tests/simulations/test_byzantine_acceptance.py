@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.config import load_config
-from simulations.runner import Simulation
+from simulations.core.config import load_config
+from simulations.core.runner import Simulation
 
 BASE = {"engine": "inline", "dataset": "mnist1d", "num_clients": 15, "partition": "iid",
         "model": "mlp", "rounds": 20, "local_steps": 5, "batch_size": 64, "lr": 0.2,

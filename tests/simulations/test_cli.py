@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from simulations import run as run_cli
-from simulations.config import load_config
+from simulations.core.config import load_config
 
 
 @pytest.mark.parametrize(

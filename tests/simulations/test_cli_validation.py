@@ -28,7 +28,7 @@ from fedagg.registry import Param
 from simulations import run as run_cli
 from simulations import submit
 from simulations import sweep as sweep_cli
-from simulations.config import config_default, config_warnings, load_config
+from simulations.core.config import config_default, config_warnings, load_config
 from strategies.registry import NEEDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +126,7 @@ def test_incompatible_model_exits_2_in_run_sweep_and_submit_before_anything_star
                                  "simulated_time.latency", "strategy_args.proximal_mu"])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf"])
 def test_non_finite_numbers_are_rejected_at_load(key, value) -> None:
-    from simulations.config import parse_override
+    from simulations.core.config import parse_override
 
     over = dict([parse_override(f"{key}={value}")])
     if key == "alpha":

@@ -431,7 +431,7 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def _check_run_dir(d: Path, engine: str) -> dict:
-    from simulations.results import load_arrays, read_metrics
+    from simulations.core.results import load_arrays, read_metrics
 
     rows = read_metrics(d)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
@@ -520,7 +520,7 @@ def test_jobs_on_a_local_cluster_and_clean_shutdown(tmp_path):
         a = _check_run_dir(fetched, "ray")
         b = _check_run_dir(shared, "inline")
         # Same seed ⇒ same model on both engines (the project's parity guarantee), across jobs.
-        from simulations.results import load_arrays
+        from simulations.core.results import load_arrays
 
         ma, mb = load_arrays(fetched / "model.safetensors"), load_arrays(shared / "model.safetensors")
         assert sorted(ma) == sorted(mb) and all((ma[k] == mb[k]).all() for k in ma)

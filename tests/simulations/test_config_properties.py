@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedagg.errors import ConfigError
-from simulations.config import RunConfig, build_config, parse_override
+from simulations.core.config import RunConfig, build_config, parse_override
 
 KEYS = sorted(RunConfig.model_fields) + ["colour", "participation.process", "ray.num_workers",
                                          "faults.crash_prob", "strategy_args.proximal_mu"]

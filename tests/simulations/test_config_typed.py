@@ -12,8 +12,8 @@ import pytest
 import strategies
 from fedagg.errors import ConfigError
 from simulations import run as run_cli
-from simulations.client_app import ClientRuntime
-from simulations.config import RunConfig, load_config
+from simulations.core.client_app import ClientRuntime
+from simulations.core.config import RunConfig, load_config
 from strategies.common import CommonParams, ServerOptimizerParams, StrategyRun
 
 #: One bogus value per name-valued field (plus what the check needs), and the field the error names.
@@ -99,7 +99,7 @@ def test_server_lr_goes_cli_to_runconfig_to_constructor_to_use(tmp_path, monkeyp
 
     monkeypatch.setattr(strategies, "build_run", build_run)
     monkeypatch.setitem(strategies.REGISTRY._entries, "fedavg", dataclasses.replace(entry, factory=factory))
-    from simulations.runner import Simulation
+    from simulations.core.runner import Simulation
 
     sim = Simulation(cfg)
     try:

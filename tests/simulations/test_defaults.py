@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.config import RunConfig, load_config
-from simulations.runner import Simulation
+from simulations.core.config import RunConfig, load_config
+from simulations.core.runner import Simulation
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.results import read_metrics
+from simulations.core.results import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-deployment"),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
@@ -232,9 +232,9 @@ def test_fedau_with_bernoulli_availability_learns_on_supernodes(federation, tmp_
     # the same run on the inline engine's per-client path (one thread per client, as the SuperNodes
     # here, which call the ClientApp once per message): same availability, the same model bit for
     # bit, the same metrics (up to evaluation threads)
-    from simulations.config import load_config
-    from simulations.results import load_arrays
-    from simulations.runner import Simulation
+    from simulations.core.config import load_config
+    from simulations.core.results import load_arrays
+    from simulations.core.runner import Simulation
 
     cfg = load_config(None, {"strategy": "fedau", "seed": 0, "rounds": 2, "num_clients": NODES, "lr": 0.1,
                              "local_steps": 200, "momentum": 0.9, "batch_size": 32, "model": "mlp",

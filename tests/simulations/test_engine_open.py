@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from flwr.app import Message, MessageType, RecordDict
 
-from simulations.client_app import ClientRuntime
-from simulations.config import load_config
-from simulations.engine import ENGINES, InlineEngine, RayEngine, get_engine
-from simulations.engine.reaper import children
+from simulations.core.client_app import ClientRuntime
+from simulations.core.config import load_config
+from simulations.core.engine import ENGINES, InlineEngine, RayEngine, get_engine
+from simulations.core.engine.reaper import children
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"num_clients": 4, "model": "mlp", "dataset_args": {"num_samples": 600}}
@@ -23,7 +23,7 @@ SMALL = {"num_clients": 4, "model": "mlp", "dataset_args": {"num_samples": 600}}
 
 def setup(tmp_path: Path, **over):
     cfg = load_config(None, {**SMALL, "out": str(tmp_path / "run"), **over})
-    return cfg, ClientRuntime(cfg.model_dump(mode="json"))
+    return cfg, ClientRuntime(cfg)
 
 
 def queries(n: int) -> list[Message]:
@@ -40,7 +40,7 @@ def test_the_engine_package_never_imports_the_runner() -> None:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            bad += [f"{path.name}: {n}" for n in names if n.startswith("simulations.runner")]
+            bad += [f"{path.name}: {n}" for n in names if n.startswith("simulations.core.runner")]
     assert bad == []
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulations.config import load_config
-from simulations.runner import Simulation
+from simulations.core.config import load_config
+from simulations.core.runner import Simulation
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 

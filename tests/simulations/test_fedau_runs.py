@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from simulations.config import build_config, load_config
+from simulations.core.config import build_config, load_config
+from simulations.core.results import load_arrays, read_metrics
+from simulations.core.runner import Simulation
 from simulations.experiments import fedau as exp_fedau
-from simulations.results import load_arrays, read_metrics
 from simulations.run import main as run_main
-from simulations.runner import Simulation
 
 TINY = {
     "dataset": "mnist1d", "dataset_args": {"num_samples": 1000}, "num_clients": 12,
@@ -293,7 +293,7 @@ def test_cyclic_rate_is_on_rounds_over_the_cycle():
 
 
 def test_collapsed_is_a_fall_below_half_the_best_or_a_non_finite_model(tmp_path):
-    from simulations.results import save_arrays
+    from simulations.core.results import save_arrays
 
     acc = np.array([0.1, 0.5, 0.6, 0.3])
     save_arrays(tmp_path / "model.safetensors", {"w": np.ones((2, 2)), "b": np.zeros(2)})

@@ -113,7 +113,7 @@ def test_routing_diagnostics():
     np.testing.assert_allclose(np.diag(ov), 1.0)
     assert ov[0, 1] == 0.0 and ov[0, 2] == pytest.approx(0.75) and ov[1, 2] == pytest.approx(0.25)
     # 4 samples, pool 4, k 2: domain 0 → slots {0, 1}, domain 1 → {2, 3}, except one stray
-    from simulations.config import RunConfig
+    from simulations.core.config import RunConfig
     from simulations.evaluate import Evaluation
 
     ev = Evaluation(run_dir=Path("."), config=RunConfig(), logits=np.zeros((4, 3)),

@@ -12,10 +12,10 @@ from flwr.app import Array
 
 from fedagg.models import build_model
 from simulations import evaluate as evaluate_cli
-from simulations.config import build_config
+from simulations.core.config import build_config
+from simulations.core.results import load_arrays, read_metrics
+from simulations.core.runner import Simulation
 from simulations.evaluate import evaluate_run, load_run
-from simulations.results import load_arrays, read_metrics
-from simulations.runner import Simulation
 
 CONFIG = {
     "strategy": "fedins", "model": "fedins", "engine": "inline", "seed": 3,

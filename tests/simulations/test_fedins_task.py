@@ -10,7 +10,7 @@ from fedagg.models import build_model
 from fedagg.models.fedins import frozen_state
 from fedagg.rng import torch_generator
 from fedagg.training import LocalTrainConfig
-from simulations.tasks.fedins import train_pool
+from simulations.core.tasks.fedins import train_pool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,7 +15,7 @@ from flwr.common.config import flatten_dict
 from fedagg.errors import ConfigError
 from simulations import flower_app
 from simulations import run as cli
-from simulations.config import load_config
+from simulations.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_app_keys_mean_what_the_cli_flags_and_overrides_mean() -> None:
 ])
 def test_a_bad_value_fails_with_the_cli_line(app, argv, tmp_path, capsys) -> None:
     """What the ServerApp checks before its first round (config, then the Simulation's set-up)."""
-    from simulations.runner import Simulation
+    from simulations.core.runner import Simulation
 
     assert cli.main([*argv, "--out", str(tmp_path / "cli")]) == 2
     line = capsys.readouterr().err.strip()
@@ -111,8 +111,8 @@ def test_an_unknown_tracker_is_refused() -> None:
 def in_process_grid(num_nodes: int, run_config: dict):
     """Our SimGrid running the module-level ClientApp with ``run_config`` in its Context, as
     Flower's runtime would (node config: ``partition-id``, ``num-partitions``)."""
-    from simulations.engine.executors import InlineExecutor
-    from simulations.engine.sim_grid import SimGrid
+    from simulations.core.engine.executors import InlineExecutor
+    from simulations.core.engine.sim_grid import SimGrid
 
     def client(message, context: Context):
         context.run_config = dict(run_config)
@@ -137,8 +137,8 @@ def test_num_clients_must_match_the_federation(tmp_path) -> None:
 def test_server_and_client_apps_run_a_federation_in_process_like_the_inline_engine(tmp_path, monkeypatch) -> None:
     """The module-level apps on our SimGrid: the ClientApp gets only its Context (run config, node
     config), the ServerApp maps nodes to clients by query; the result is the inline engine's."""
-    from simulations.results import load_arrays, read_metrics
-    from simulations.runner import Simulation
+    from simulations.core.results import load_arrays, read_metrics
+    from simulations.core.runner import Simulation
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_config = {**app_defaults(), "rounds": 2, "local-steps": 10, "seed": 1, "out": str(tmp_path / "app"),

@@ -82,8 +82,8 @@ TINY = {"dataset": "mnist1d", "dataset_args": {"num_samples": 600}, "num_clients
 def test_sweep_and_study_share_the_runner_and_resume(tmp_path, monkeypatch, capsys):
     """Both grids hand their jobs to ``gridrun.execute``; a second invocation of either runs only
     what is not finished."""
-    from simulations.config import build_config, dump_yaml
-    from simulations.results import metrics_to_csv
+    from simulations.core.config import build_config, dump_yaml
+    from simulations.core.results import metrics_to_csv
 
     executed: list[list[str]] = []
     real_execute = gridrun.execute

@@ -14,7 +14,7 @@ import yaml
 from fedagg.models import build_model
 from fedagg.training import evaluate, load_numpy_state, state_to_numpy
 from simulations import merge as cli
-from simulations.results import load_arrays, save_arrays
+from simulations.core.results import load_arrays, save_arrays
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,8 +120,8 @@ def test_merge_matches_the_library_and_scores_are_the_models_accuracies(files, c
 
 
 def test_validation_split_of_a_run_is_the_clients_held_out_union(tmp_path):
-    from simulations.config import build_config, dump_yaml
-    from simulations.runner import Simulation
+    from simulations.core.config import build_config, dump_yaml
+    from simulations.core.runner import Simulation
 
     cfg = build_config({"dataset": "mnist1d", "dataset_args": {"num_samples": 300},
                         "num_clients": 3, "partition": "dirichlet", "alpha": 0.5, "seed": 4,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from simulations import plot
-from simulations.results import metrics_to_csv
+from simulations.core.results import metrics_to_csv
 
 NAN = float("nan")
 

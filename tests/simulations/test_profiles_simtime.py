@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from fedagg.errors import ConfigError
-from simulations.config import load_config
-from simulations.profiles import ProfileTable, assignment, profile_sizes
-from simulations.results import read_metrics
-from simulations.runner import Simulation
-from simulations.simtime import SimClock
+from simulations.core.config import load_config
+from simulations.core.profiles import ProfileTable, assignment, profile_sizes
+from simulations.core.results import read_metrics
+from simulations.core.runner import Simulation
+from simulations.core.simtime import SimClock
 
 TWO = [{"name": "fast", "fraction": 0.7, "speed": 1.0},
        {"name": "slow", "count": 3, "speed": 0.1, "bandwidth_mbps": 1.0, "local_steps": 2}]
@@ -75,7 +75,7 @@ def test_two_profiles_show_slow_clients_and_deadline_drops_in_metrics(tmp_path) 
 def test_profile_overrides_local_steps_and_dropout(tmp_path) -> None:
     from flwr.app import ConfigRecord
 
-    from simulations.client_app import ClientRuntime
+    from simulations.core.client_app import ClientRuntime
 
     profs = [{"name": "flaky", "count": 5, "dropout_prob": 1.0, "batch_size": 8, "local_steps": 1}]
     cfg = load_config(None, {"engine": "inline", "rounds": 2, "num_clients": 10, "model": "mlp",
@@ -93,7 +93,7 @@ def test_profile_overrides_local_steps_and_dropout(tmp_path) -> None:
 
 def test_gpu_profile_without_gpu_is_refused_unless_optional(tmp_path) -> None:
     """Resource checks run against a cluster description (no Ray needed)."""
-    from simulations.engine import worker_pools
+    from simulations.core.engine import worker_pools
 
     class FakeRay:
         @staticmethod
@@ -108,7 +108,7 @@ def test_gpu_profile_without_gpu_is_refused_unless_optional(tmp_path) -> None:
                                  "out": str(tmp_path / f"{gpu}-{next(made)}"),
                                  "profiles": [{"name": "gpu", "count": 2, "num_gpus": 0.25, "gpu": gpu},
                                               {"name": "ssd", "count": 2, "resources": {"slow_worker": 1}}]})
-        return cfg, ProfileTable(cfg.model_dump(mode="json"))
+        return cfg, ProfileTable(cfg)
 
     with pytest.raises(ConfigError, match=r"profiles\[0\]\.num_gpus: .*no GPU"):
         worker_pools(FakeRay, *sim("required"))

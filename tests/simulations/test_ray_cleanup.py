@@ -1,6 +1,6 @@
 """A local Ray instance leaves nothing behind when its driver is killed (``kill -9``).
 
-Without the watchdog of ``simulations/engine/reaper.py``, Ray's dashboard and runtime-env agents
+Without the watchdog of ``simulations/core/engine/reaper.py``, Ray's dashboard and runtime-env agents
 outlive a killed driver by about 60 s. The first tests use plain processes in place of Ray's (a
 child that starts a grandchild and outlives the driver, as the raylet's agents do); the last one
 kills a real ``simulations.run --engine ray``.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.engine import reaper
+from simulations.core.engine import reaper
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not reaper.supported(), reason="needs Linux /proc")
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not reaper.supported(), reason="needs Linux /pro
 #: grandchild (both sleep, like agents whose parent died). Prints the pids, then acts per argv[1].
 DRIVER = textwrap.dedent("""
     import subprocess, sys, time
-    from simulations.engine.reaper import reaped
+    from simulations.core.engine.reaper import reaped
     old = subprocess.Popen(["sleep", "300"])
     try:
         with reaped():

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import strategies
-from simulations.checkpoint import from_jsonable, read_latest, to_jsonable
-from simulations.config import load_config
-from simulations.results import load_arrays, read_metrics
-from simulations.runner import RunError, Simulation
+from simulations.core.checkpoint import from_jsonable, read_latest, to_jsonable
+from simulations.core.config import load_config
+from simulations.core.results import load_arrays, read_metrics
+from simulations.core.runner import RunError, Simulation
 
 REPO = Path(__file__).resolve().parents[2]
 

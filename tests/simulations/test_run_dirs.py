@@ -14,9 +14,9 @@ import pytest
 
 from fedagg.errors import ConfigError
 from simulations import run as run_cli
-from simulations.config import load_config
-from simulations.results import LOCK_NAME, RunLock, RunWriter, load_arrays, read_metrics
-from simulations.runner import Simulation
+from simulations.core.config import load_config
+from simulations.core.results import LOCK_NAME, RunLock, RunWriter, load_arrays, read_metrics
+from simulations.core.runner import Simulation
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"engine": "inline", "rounds": 4, "num_clients": 3, "model": "mlp", "local_steps": 2,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from simulations import run as run_cli
-from simulations.config import load_config
-from simulations.results import BASE_COLUMNS, load_arrays, read_metrics
-from simulations.runner import Simulation
+from simulations.core.config import load_config
+from simulations.core.results import BASE_COLUMNS, load_arrays, read_metrics
+from simulations.core.runner import Simulation
 
 SMALL = {"engine": "inline", "rounds": 3, "num_clients": 5, "model": "mlp",
          "dataset_args": {"num_samples": 1000}, "local_steps": 3}
@@ -119,7 +119,7 @@ def test_idle_clients_cost_no_model_memory(tmp_path) -> None:
     import gc
 
     from fedagg.models import MLP
-    from simulations.client_app import TENSOR_CACHE
+    from simulations.core.client_app import TENSOR_CACHE
 
     def live_models() -> int:
         gc.collect()

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from simulations import sweep as sweep_cli
-from simulations.config import dump_yaml
-from simulations.results import metrics_to_csv
+from simulations.core.config import dump_yaml
+from simulations.core.results import metrics_to_csv
 from simulations.sweep_grid import cell_name, load_sweep
 
 TINY = {"dataset": "mnist1d", "dataset_args": {"num_samples": 600}, "num_clients": 4, "model": "mlp",

@@ -1,5 +1,5 @@
-"""Client tasks are listed in one place (``simulations.tasks``), not registered by import side
-effects: a fresh process that imports only ``simulations.client_app`` sees every task."""
+"""Client tasks are listed in one place (``simulations.core.tasks``), not registered by import side
+effects: a fresh process that imports only ``simulations.core.client_app`` sees every task."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import json, sys
-from simulations.client_app import BATCHED_TASKS, TASKS
+from simulations.core.client_app import BATCHED_TASKS, TASKS
 print(json.dumps({"tasks": TASKS.names(), "batched": sorted(BATCHED_TASKS),
                   "docs": {n: TASKS.entry(n).doc for n in TASKS.names()}}))
 """
@@ -33,7 +33,7 @@ def test_importing_client_app_alone_lists_every_task() -> None:
 
 def test_register_tasks_fills_a_fresh_registry_and_refuses_a_second_registration() -> None:
     from fedagg.registry import Registry
-    from simulations.tasks import fedins, merging, register_tasks, train
+    from simulations.core.tasks import fedins, merging, register_tasks, train
 
     tasks: Registry = Registry("client task")
     batched: dict = {}

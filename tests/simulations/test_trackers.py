@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from simulations import run as cli
-from simulations.results import read_metrics
-from simulations.trackers import flat_config, numeric_items, parse_names
+from simulations.core.results import read_metrics
+from simulations.core.trackers import flat_config, numeric_items, parse_names
 
 
 def test_names_split_dedupe_and_refuse_unknown_ones() -> None:
@@ -44,7 +44,7 @@ def test_every_row_the_config_and_the_model_are_read_back(tmp_path, monkeypatch)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from simulations.results import load_arrays
+    from simulations.core.results import load_arrays
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"

@@ -18,7 +18,7 @@ import strategies
 from fedagg.errors import ConfigError
 from fedagg.fedau import FedAUWeights
 from fedagg.participation import build_process
-from simulations.results import load_arrays, save_arrays
+from simulations.core.results import load_arrays, save_arrays
 from strategies.fedau import FedAUStrategy
 from strategies.flower_compat import ensure_task_identity
 

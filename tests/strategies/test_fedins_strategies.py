@@ -12,7 +12,7 @@ from fedagg.errors import ConfigError
 from fedagg.models import build_model
 from fedagg.models.fedins import frozen_state
 from fedagg.training import load_numpy_state, state_to_numpy
-from simulations.engine.sim_grid import SimGrid
+from simulations.core.engine.sim_grid import SimGrid
 from strategies.arrays import to_numpy, to_record
 from strategies.flower_compat import ensure_task_identity
 

@@ -296,8 +296,8 @@ TINY = {"dataset": "mnist1d", "dataset_args": {"num_samples": 400}, "num_clients
 
 
 def run_tiny(tmp_path, strategy: str, rounds: int = 2, capture: bool = False, **extra):
-    from simulations.config import build_config
-    from simulations.runner import Simulation
+    from simulations.core.config import build_config
+    from simulations.core.runner import Simulation
 
     cfg = build_config({**TINY, "strategy": strategy, "rounds": rounds, "out": str(tmp_path / strategy),
                         **extra})
@@ -336,7 +336,7 @@ def test_fisher_strategy_end_to_end(tmp_path):
 def test_fisher_task_matches_diagonal_fisher_at_the_local_model(tmp_path):
     from fedagg.merging import diagonal_fisher
     from fedagg.training import load_numpy_state, local_sgd
-    from simulations.tasks.merging import client_fisher
+    from simulations.core.tasks.merging import client_fisher
 
     sim, _, seen = run_tiny(tmp_path, "fisher", rounds=1, capture=True,
                             strategy_args={"max_examples": 1000})
@@ -386,7 +386,7 @@ def test_greedy_soup_strategy_never_worse_than_best_client_on_validation(tmp_pat
 
 
 def test_temporal_soup_reports_and_saves_the_soup(tmp_path):
-    from simulations.results import load_arrays
+    from simulations.core.results import load_arrays
 
     sim, result, seen = run_tiny(tmp_path, "temporal-soup", rounds=3, capture=True)
     globals_ = [to_numpy(new) for _, _, new in seen]
@@ -409,8 +409,8 @@ def test_temporal_soup_reports_and_saves_the_soup(tmp_path):
 def test_temporal_soup_resumes_bit_for_bit_from_a_checkpoint(tmp_path):
     import shutil
 
-    from simulations.config import build_config
-    from simulations.runner import Simulation
+    from simulations.core.config import build_config
+    from simulations.core.runner import Simulation
 
     _, full, _ = run_tiny(tmp_path, "temporal-soup", rounds=4, checkpoint_every=2)
     part = tmp_path / "part"

@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import Krum as FlowerKrum
 import fedagg.aggregators as agg
 import strategies
 from fedagg.errors import ConfigError
-from simulations.config import load_config
+from simulations.core.config import load_config
 from strategies.arrays import Layout, to_numpy
 from strategies.robust import RULE_STRATEGIES, RobustStrategy
 from strategies.testing import run_round

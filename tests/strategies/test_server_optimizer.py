@@ -9,8 +9,8 @@ import torch
 
 import strategies
 from fedagg.errors import ConfigError
-from simulations.config import load_config
-from simulations.results import load_arrays, save_arrays
+from simulations.core.config import load_config
+from simulations.core.results import load_arrays, save_arrays
 from strategies.arrays import Layout, to_numpy
 from strategies.robust import RULE_STRATEGIES
 from strategies.testing import run_round

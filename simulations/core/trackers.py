@@ -35,8 +35,8 @@ import yaml
 from fedagg.errors import ConfigError, unknown_name
 
 if TYPE_CHECKING:
-    from simulations.config import RunConfig
-    from simulations.runner import RunResult, Simulation
+    from simulations.core.config import RunConfig
+    from simulations.core.runner import RunResult, Simulation
 
 #: Tracker name → (module it needs, the package that provides it).
 TRACKERS: dict[str, tuple[str, str]] = {

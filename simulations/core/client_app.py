@@ -3,12 +3,12 @@
 ``make_client_app(cfg)`` returns a real ``flwr.clientapp.ClientApp``: it runs under our Ray
 engine, under ``flwr.simulation.run_simulation`` and, given a ``partition-id`` in the node config,
 on a real SuperNode. A :class:`ClientRuntime` is built once per process and reused for every
-virtual client that process serves; it holds the run's typed :class:`~simulations.config.RunConfig`
+virtual client that process serves; it holds the run's typed :class:`~simulations.core.config.RunConfig`
 (a process boundary carries it as JSON and rebuilds it once on the other side). The federated data is loaded once (from the on-disk cache), and
 one model instance per model kind is kept and loaded in place with each message's weights.
 
 What a train message asks for is the ``task`` key of its ConfigRecord (default ``train``: local SGD);
-tasks are listed in :mod:`simulations.tasks` (:data:`TASKS`; families add their own, e.g. ``fisher``).
+tasks are listed in :mod:`simulations.core.tasks` (:data:`TASKS`; families add their own, e.g. ``fisher``).
 All local randomness comes from a generator keyed by ``(seed, "local-train", round, client)``.
 """
 
@@ -31,9 +31,9 @@ from fedagg.data import FederatedData, load_federated
 from fedagg.models import build_model
 from fedagg.rng import numpy_rng, torch_generator
 from fedagg.training import LocalTrainConfig, evaluate, load_numpy_state
-from simulations.config import RunConfig
-from simulations.profiles import ProfileTable
-from simulations.tasks import BATCHED_TASKS, TASKS
+from simulations.core.config import RunConfig
+from simulations.core.profiles import ProfileTable
+from simulations.core.tasks import BATCHED_TASKS, TASKS
 from strategies.arrays import config_record, metric_record, record_dict, to_numpy, to_record
 
 PARTITION_ID_KEY = "partition-id"
@@ -124,7 +124,7 @@ class ClientRuntime:
         else:
             while len(self._tensors) >= TENSOR_CACHE:
                 self._tensors.pop(next(iter(self._tensors)))
-            from simulations.byzantine import data_attack
+            from simulations.core.byzantine import data_attack
 
             train, test = self.data.client(cid)
             dev = self.device

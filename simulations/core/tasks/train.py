@@ -12,7 +12,7 @@ from fedagg.training import load_numpy_state, local_sgd, state_to_numpy
 from strategies.arrays import config_record, to_record
 
 if TYPE_CHECKING:
-    from simulations.client_app import ClientRuntime
+    from simulations.core.client_app import ClientRuntime
 
 
 def train_task(rt: ClientRuntime, cid: int, content: RecordDict, context: Context) -> RecordDict:

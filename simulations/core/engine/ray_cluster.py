@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedagg.errors import ConfigError
-from simulations.engine.executors import WorkerPool
-from simulations.engine.reaper import reaped
+from simulations.core.engine.executors import WorkerPool
+from simulations.core.engine.reaper import reaped
 
 if TYPE_CHECKING:
-    from simulations.config import RayConfig, RunConfig
-    from simulations.profiles import ProfileTable
+    from simulations.core.config import RayConfig, RunConfig
+    from simulations.core.profiles import ProfileTable
 
 log = logging.getLogger("fedagg")
 
@@ -47,7 +47,7 @@ def use_local_ray_env(address: str | None) -> None:
 def ray_session(cfg: RayConfig) -> Iterator[Any]:
     """Connect to ``cfg.address`` or start a local Ray instance; shut down only what we started.
 
-    A local instance runs under :func:`~simulations.engine.reaper.reaped`: if this process dies
+    A local instance runs under :func:`~simulations.core.engine.reaper.reaped`: if this process dies
     without shutting it down (``kill -9``, Ctrl-C during start-up), its processes are killed at
     once instead of lingering for a minute."""
     use_local_ray_env(cfg.address)

@@ -32,7 +32,7 @@ from fedagg.training import federated_state, load_numpy_state, local_sgd, state_
 from strategies.arrays import to_record
 
 if TYPE_CHECKING:
-    from simulations.client_app import ClientRuntime
+    from simulations.core.client_app import ClientRuntime
 
 #: Defaults of the train-config keys this task reads.
 FISHER_DEFAULTS = {"fisher-estimator": "true", "fisher-max-examples": 256, "fisher-batch-size": 32}

@@ -36,7 +36,7 @@ from flwr.app import Message, RecordDict
 from fedagg import attacks
 from fedagg.errors import ConfigError
 from fedagg.rng import numpy_rng
-from simulations.config import RunConfig
+from simulations.core.config import RunConfig
 from strategies.arrays import Layout, to_numpy, to_record
 
 log = logging.getLogger("fedagg")

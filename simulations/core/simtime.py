@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedagg.rng import numpy_rng
-from simulations.config import RunConfig
-from simulations.profiles import ProfileTable
+from simulations.core.config import RunConfig
+from simulations.core.profiles import ProfileTable
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 This module is the one place that lists them. :func:`register_tasks` puts every task of the task
 modules into a registry; :data:`TASKS` and :data:`BATCHED_TASKS` are built from it here, so
-importing :mod:`simulations.client_app` (which uses them) needs nothing imported first. Task modules
+importing :mod:`simulations.core.client_app` (which uses them) needs nothing imported first. Task modules
 only define functions; to add a task, write it in a module here and list it in
 :func:`register_tasks`.
 """
@@ -17,10 +17,10 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedagg.batched import BatchedResult, ClientJob
 from fedagg.registry import Registry
-from simulations.tasks import fedins, merging, train
+from simulations.core.tasks import fedins, merging, train
 
 if TYPE_CHECKING:
-    from simulations.client_app import ClientRuntime
+    from simulations.core.client_app import ClientRuntime
 
 #: A batched version of a client task: ``fn(runtime, model, config, jobs) -> BatchedResult`` trains
 #: ``jobs`` from ``model``'s current weights in one computation (``ClientRuntime.train_batch``).

@@ -32,7 +32,7 @@ from fedagg.training import load_numpy_state, state_to_numpy
 from strategies.arrays import to_record
 
 if TYPE_CHECKING:
-    from simulations.client_app import ClientRuntime
+    from simulations.core.client_app import ClientRuntime
 
 __all__ = ["OPTIMIZERS", "batched_fedins", "fedins_task", "train_pool"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedagg.rng import numpy_rng
-from simulations.config import ProfileConfig, RunConfig
+from simulations.core.config import ProfileConfig, RunConfig
 
 
 def profiles(cfg: RunConfig) -> list[ProfileConfig]:

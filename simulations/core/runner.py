@@ -2,8 +2,8 @@
 
 :class:`Simulation` holds the server side of a run (strategy, environment, evaluation, results) and
 :meth:`Simulation.serve` is the round loop. The loop is the same for every engine: :meth:`Simulation.run`
-hands it to the engine (``engine.run(cfg, runtime, serve)``, :mod:`simulations.engine`), which calls
-it with its grid: our :class:`~simulations.engine.sim_grid.SimGrid` on ``inline`` and ``ray``,
+hands it to the engine (``engine.run(cfg, runtime, serve)``, :mod:`simulations.core.engine`), which calls
+it with its grid: our :class:`~simulations.core.engine.sim_grid.SimGrid` on ``inline`` and ``ray``,
 Flower's own grid inside the ``ServerApp`` that ``flwr.simulation.run_simulation`` drives on
 ``flower``. The runner imports the engines; they never import it.
 
@@ -33,14 +33,14 @@ from fedagg.data import FederatedData, load_federated
 from fedagg.errors import ConfigError
 from fedagg.participation import build_probabilities, build_process
 from fedagg.training import evaluate, load_numpy_state, state_to_numpy
-from simulations.byzantine import build_corruption
-from simulations.checkpoint import Checkpoint, read_latest, write_checkpoint
-from simulations.client_app import ClientRuntime, make_client_app
-from simulations.config import RunConfig, config_changes, dump_yaml, load_config
-from simulations.engine import choose_engine, get_engine
-from simulations.environment import EnvironmentGrid
-from simulations.results import RunWriter, save_arrays
-from simulations.simtime import SimClock
+from simulations.core.byzantine import build_corruption
+from simulations.core.checkpoint import Checkpoint, read_latest, write_checkpoint
+from simulations.core.client_app import ClientRuntime, make_client_app
+from simulations.core.config import RunConfig, config_changes, dump_yaml, load_config
+from simulations.core.engine import choose_engine, get_engine
+from simulations.core.environment import EnvironmentGrid
+from simulations.core.results import RunWriter, save_arrays
+from simulations.core.simtime import SimClock
 from strategies.arrays import to_numpy, to_record
 
 log = logging.getLogger("fedagg")

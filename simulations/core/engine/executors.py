@@ -7,7 +7,7 @@ an exception inside it becomes an error reply, as in Flower's own runtime.
 Ray executor design (see ``docs/architecture.md``):
 
 - a fixed pool of long-lived actors, each hosting *many* virtual clients: one ClientApp, one
-  :class:`~simulations.client_app.ClientRuntime`, so data partitions stay resident and one model
+  :class:`~simulations.core.client_app.ClientRuntime`, so data partitions stay resident and one model
   instance per worker is loaded in place for every client it runs;
 - the round's broadcast content (global weights + config) is put in the object store **once** and
   every actor deserialises it once per round;
@@ -225,7 +225,7 @@ def _worker_class() -> Any:
             import torch
 
             torch.set_num_threads(max(1, threads))
-            from simulations.client_app import warm_up
+            from simulations.core.client_app import warm_up
 
             warm_up(app)
             self.app = app

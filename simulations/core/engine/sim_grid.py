@@ -15,7 +15,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from simulations.engine.executors import Executor, Job, JobResult
+from simulations.core.engine.executors import Executor, Job, JobResult
 from strategies.flower_compat import DEFAULT_RUN_ID, ensure_task_identity, set_message_id
 
 

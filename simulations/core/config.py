@@ -111,7 +111,7 @@ class ProfileConfig(_Strict):
 
 
 class SimulatedTimeConfig(_Strict):
-    """Simulated wall-clock of a synchronous round (see ``simulations/simtime.py``).
+    """Simulated wall-clock of a synchronous round (see ``simulations/core/simtime.py``).
 
     A client-round lasts ``steps · batch_size · seconds_per_sample / speed`` (compute) plus
     ``latency`` + bytes down and up over its ``bandwidth_mbps`` (communication), times a seeded
@@ -385,7 +385,7 @@ def _validate_attack(cfg: RunConfig) -> None:
     if cfg.num_byzantine == 0:
         raise ConfigError("num_byzantine", f"attack {cfg.attack!r} needs Byzantine clients; set "
                           f"--num-byzantine (1 to {max(1, cfg.num_clients - 1)})")
-    from simulations.byzantine import validate_attack
+    from simulations.core.byzantine import validate_attack
 
     validate_attack(cfg)  # attack_args.<key>, and a dry run of the attack
 
@@ -438,7 +438,7 @@ def _validate_profiles(cfg: RunConfig) -> None:
     for i, p in enumerate(cfg.profiles):
         if (p.count is None) == (p.fraction is None):
             raise ConfigError(f"profiles[{i}]", "give exactly one of count or fraction")
-    from simulations.profiles import profile_sizes
+    from simulations.core.profiles import profile_sizes
 
     sizes = profile_sizes(cfg)
     if sum(sizes[: len(cfg.profiles)]) > cfg.num_clients:

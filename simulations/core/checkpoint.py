@@ -36,7 +36,7 @@ import numpy as np
 
 from fedagg.errors import ConfigError
 from fedagg.io import default_mode
-from simulations.results import atomic_write_text, load_arrays, save_arrays
+from simulations.core.results import atomic_write_text, load_arrays, save_arrays
 
 #: Format 2 adds ``sha256sums``; format 1 checkpoints (without it) are still read, unverified.
 FORMAT = 2

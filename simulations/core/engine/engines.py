@@ -6,7 +6,7 @@ also when ``serve`` raises or the run is interrupted. The runner passes its roun
 engines never import the runner.
 
 - :class:`InlineEngine` and :class:`RayEngine` own their grid: ``with engine.open(cfg, runtime) as
-  grid: ...`` hands it over (a :class:`~simulations.engine.sim_grid.SimGrid`) and, on leaving the
+  grid: ...`` hands it over (a :class:`~simulations.core.engine.sim_grid.SimGrid`) and, on leaving the
   block, stops the executor (Ray: kills the actors, then shuts down the Ray instance it started,
   under the reaper). Their ``run`` is that block around ``serve``.
 - :class:`FlowerEngine` runs stock ``flwr.simulation.run_simulation``, a blocking call whose grid
@@ -15,7 +15,7 @@ engines never import the runner.
   ``with`` block, so it has ``run`` only: ``serve`` is called inside the ServerApp, and everything
   is released when ``run_simulation`` returns.
 
-``runtime`` is the server process's :class:`~simulations.client_app.ClientRuntime`: the engines
+``runtime`` is the server process's :class:`~simulations.core.client_app.ClientRuntime`: the engines
 build the ClientApp on it (the inline engine shares its data and model) and read the client
 profiles, the batch limit and the fault plan from it.
 """
@@ -30,17 +30,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from simulations.client_app import make_client_app
-from simulations.engine.executors import InlineExecutor, Job, RayExecutor
-from simulations.engine.ray_cluster import ray_session, use_local_ray_env, worker_pools
-from simulations.engine.reaper import reaped
-from simulations.engine.sim_grid import SimGrid
-from simulations.simtime import expected_work
+from simulations.core.client_app import make_client_app
+from simulations.core.engine.executors import InlineExecutor, Job, RayExecutor
+from simulations.core.engine.ray_cluster import ray_session, use_local_ray_env, worker_pools
+from simulations.core.engine.reaper import reaped
+from simulations.core.engine.sim_grid import SimGrid
+from simulations.core.simtime import expected_work
 from strategies.arrays import config_record
 
 if TYPE_CHECKING:
-    from simulations.client_app import ClientRuntime
-    from simulations.config import RunConfig
+    from simulations.core.client_app import ClientRuntime
+    from simulations.core.config import RunConfig
 
 T = TypeVar("T")
 
@@ -196,7 +196,7 @@ class FlowerEngine:
         return result["value"]  # type: ignore[no-any-return]
 
 
-#: The engines by name (``auto`` is resolved by :func:`simulations.engine.choose_engine`).
+#: The engines by name (``auto`` is resolved by :func:`simulations.core.engine.choose_engine`).
 ENGINES: dict[str, GridEngine | FlowerEngine] = {e.name: e for e in (InlineEngine(), RayEngine(), FlowerEngine())}
 
 

@@ -1,14 +1,14 @@
 """Engines: where the ClientApp runs.
 
 - ``auto`` (default): ``inline`` unless the run needs Ray (:func:`choose_engine` says which and why).
-- ``ray``: our :class:`~simulations.engine.sim_grid.SimGrid` over a pool of Ray actors
-  (:class:`~simulations.engine.executors.RayExecutor`), on a local Ray instance or an existing
+- ``ray``: our :class:`~simulations.core.engine.sim_grid.SimGrid` over a pool of Ray actors
+  (:class:`~simulations.core.engine.executors.RayExecutor`), on a local Ray instance or an existing
   cluster (``ray.address``).
 - ``inline``: the same grid, every client in this process (no Ray; for debugging and fast tests).
 - ``flower``: stock ``flwr.simulation.run_simulation`` with a Flower ``ServerApp`` that runs the same
   round loop on Flower's grid.
 
-:func:`get_engine` returns one (:mod:`simulations.engine.engines`): ``engine.run(cfg, runtime, serve)``
+:func:`get_engine` returns one (:mod:`simulations.core.engine.engines`): ``engine.run(cfg, runtime, serve)``
 runs a round loop on it; ``inline`` and ``ray`` also hand out their grid with
 ``with engine.open(cfg, runtime) as grid``. The runner imports this package, never the reverse.
 """
@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from simulations.engine.engines import (
+from simulations.core.engine.engines import (
     ENGINES,
     Engine,
     FlowerEngine,
@@ -31,7 +31,7 @@ from simulations.engine.engines import (
     get_engine,
     partition_map,
 )
-from simulations.engine.ray_cluster import (
+from simulations.core.engine.ray_cluster import (
     LOCAL_RAY_ENV,
     default_num_workers,
     ray_session,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from simulations.simtime import SimClock
+from simulations.core.simtime import SimClock
 from strategies.arrays import array_records
 from strategies.flower_compat import set_source_node
 
