@@ -94,8 +94,10 @@ def test_experiment_config_has_the_required_grid():
                                                "fedavg-participating-lr0.562"]
     # headline: the last 50 rounds, every one of them evaluated
     assert exp["last_rounds"] == 50 and base["eval_last"] >= 50
-    # tuning: every method, a grid in steps of 10^0.25, on a seed the table does not use
-    assert exp["tuning"]["seed"] not in exp["seeds"] and exp["tuning"]["pattern"] == "bernoulli"
+    # tuning: every method and pattern, a grid in steps of 10^0.25, on a seed the table does not
+    # use, at half the table's length
+    assert exp["tuning"]["seed"] not in exp["seeds"] and exp["tuning"]["pattern"] == "each"
+    assert exp["tuning"]["rounds"] == base["rounds"] // 2
     for method in paper:
         key, values = exp_fedau.tune_grid(exp, method)
         assert key == "lr"
@@ -103,7 +105,7 @@ def test_experiment_config_has_the_required_grid():
     assert exp["methods"]["fedavg-all"]["server_lr"] == 10.0
     tune = exp_fedau.make_tune_jobs(exp, exp_fedau.Path("runs/x"))  # validates every config
     sizes = [len(exp_fedau.tune_grid(exp, m)[1]) for m in paper]
-    assert min(sizes) >= 4 and len(tune) == sum(sizes) and {j.config["rounds"] for j in tune} == {exp["tuning"]["rounds"]}
+    assert min(sizes) >= 4 and len(tune) == 3 * sum(sizes) and {j.config["rounds"] for j in tune} == {exp["tuning"]["rounds"]}
     assert {j.seed for j in tune} == {exp["tuning"]["seed"]}
     jobs = exp_fedau.make_jobs(exp, exp_fedau.Path("runs/x"))
     assert len(jobs) == 3 * len(exp["methods"]) * len(exp["seeds"])
