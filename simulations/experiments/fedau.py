@@ -28,9 +28,7 @@ tables between ``<!-- fedau:results -->`` markers in ``--docs`` (default ``docs/
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-import time
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,9 +37,8 @@ import numpy as np
 import yaml
 
 from fedagg.errors import ConfigError
-from simulations.experiments import grid
+from simulations.experiments import grid, study
 from simulations.experiments import tuning as tuning_lib
-from simulations.report import write_section
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedau_mnist1d.yaml"
 MARK = "fedau:results"
@@ -132,34 +129,22 @@ def tuned_patterns(exp: Mapping[str, Any]) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Job(grid.GridJob):
+class Job(study.StudyJob):
     """One run: of the table (``value`` None) or of tuning (``value`` the tuned key's value)."""
+
+    AXES = TUNE_AXES = ("pattern", "method")
 
     pattern: str
     method: str
-    seed: int
-    config: dict[str, Any]
-    value: float | None = None
-    key: str | None = None
-
-    @property
-    def name(self) -> str:
-        if self.value is not None:
-            return f"tune/{self.pattern}/{self.method}/{self.key}={self.value:g}"
-        return f"{self.pattern}/{self.method}/seed-{self.seed}"
 
 
-def _cell(exp: Mapping[str, Any], pattern: str, method: str, seed: int, out: Path,
+def _cell(exp: Mapping[str, Any], axes: Mapping[str, str], seed: int, out: Path,
           extra: Mapping[str, Any]) -> dict[str, Any]:
     """The validated run config of one cell: ``base`` ← method ← pattern ← ``extra``."""
-    over = {k: v for k, v in exp["methods"][method].items() if k != "tune"}
-    data = grid.merge(exp["base"], over)
-    data["participation"] = grid.merge(data.get("participation", {}),
-                                       exp["patterns"][pattern] or {})
-    data.update(extra)
-    data.update(seed=int(seed), out=str(out))
-    grid.validate_cell(data, f"{pattern}.{method}")
-    return data
+    pattern, method = axes["pattern"], axes["method"]
+    return study.cell_config(exp["base"], exp["methods"][method],
+                             [{"participation": exp["patterns"][pattern] or {}}], extra,
+                             seed=seed, out=out, name=f"{pattern}.{method}")
 
 
 def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
@@ -167,18 +152,10 @@ def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
     if not exp.get("tuning"):
         return []
     t = exp["tuning"]
-    jobs = []
-    for pattern in tuned_patterns(exp):
-        for method in exp["methods"]:
-            spec = tune_grid(exp, method)
-            if spec is None:
-                continue
-            key, values = spec
-            for v in values:
-                run = out / "tune" / pattern / method / f"{key}-{v:g}"
-                data = _cell(exp, pattern, method, t["seed"], run, {key: v, "rounds": t["rounds"]})
-                jobs.append(Job(pattern, method, t["seed"], data, v, key))
-    return jobs
+    grids = tuning_lib.tune_grids(exp["methods"])
+    cells = [({"pattern": p, "method": m}, spec, {"rounds": t["rounds"]})
+             for p in tuned_patterns(exp) for m, spec in grids.items()]
+    return study.tune_jobs(Job, out, cells, t["seed"], functools.partial(_cell, exp))
 
 
 def make_jobs(exp: Mapping[str, Any], out: Path,
@@ -186,18 +163,10 @@ def make_jobs(exp: Mapping[str, Any], out: Path,
     """Every (pattern, method, seed) of the table, validated up front (a ConfigError names the
     cell). A tuned method gets ``chosen[pattern][method]``; without ``chosen`` (checking the
     configs before tuning has run) the first value of its grid."""
-    jobs = []
-    for pattern in exp["patterns"]:
-        for method in exp["methods"]:
-            spec = tune_grid(exp, method)
-            extra = {}
-            if spec is not None:
-                extra[spec[0]] = chosen[pattern][method] if chosen is not None else spec[1][0]
-            for seed in exp["seeds"]:
-                run = out / pattern / method / f"seed-{seed}"
-                jobs.append(Job(pattern, method, int(seed),
-                                _cell(exp, pattern, method, seed, run, extra)))
-    return jobs
+    cells = [({"pattern": p, "method": m}, exp["seeds"]) for p in exp["patterns"]
+             for m in exp["methods"]]
+    return study.table_jobs(Job, out, cells, tuning_lib.tune_grids(exp["methods"]), chosen,
+                            functools.partial(_cell, exp))
 
 
 # ------------------------------------------------------------------------------ running
@@ -221,8 +190,7 @@ def _save_participation(sim: Any, job: Job) -> None:
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
     """Run (or reuse) one simulation; return its summary (plus ``reused``). A tuning run that
     the runner stops (e.g. a learning rate that diverges) is kept as ``failed.json``."""
-    return grid.run_simulation(job, fresh, setup=_save_participation,
-                               keep_failed=job.value is not None)
+    return grid.run_simulation(job, fresh, setup=_save_participation, keep_failed=job.keeps_failed)
 
 
 def _quiet_worker() -> None:
@@ -234,9 +202,7 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run ``jobs`` (``workers`` at a time; finished runs with another config are redone);
     ``{job.name: summary}``."""
-    tuning = any(j.value is not None for j in jobs)
-    return grid.run_all(jobs, run_job, initializer=_quiet_worker, workers=workers, fresh=fresh,
-                        echo=echo, keep_failed=tuning, stale=grid.config_stale)
+    return study.run_jobs(jobs, run_job, _quiet_worker, workers, fresh, echo)
 
 
 # ------------------------------------------------------------------------------ results
@@ -252,40 +218,21 @@ def mean_participants(run_dir: Path) -> float:
     return float(np.mean([float(r["clients"]) for r in rows])) if rows else float("nan")
 
 
-def _usable(job: Job) -> bool:
-    """A finished run of this job's config (another config's results are never reported)."""
-    return grid.finished(job.run_dir, failed=job.value is not None) and not grid.config_stale(job)
-
-
 def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     """``{pattern: {method: {key, values, scores, chosen}}}`` for every pattern of the table
     (with ``tuning.pattern`` one pattern, its choice is copied to the others, ``from`` names it).
     A score is the headline metric of the tuning run (NaN for a run the runner stopped); the
     chosen value has the best score. ``ConfigError("tuning", ...)`` if a tuning run is not
-    finished or every value of a grid failed."""
-    last = exp["last_rounds"]
-    out: dict[str, Any] = {}
-    for job in jobs:
-        if not _usable(job):
-            raise ConfigError("tuning", f"run {job.name} is not finished; run without "
-                              "--report-only")
-        score = tuning_lib.tuning_score(job.run_dir, last)
-        cell = out.setdefault(job.pattern, {}).setdefault(
-            job.method, {"key": job.key, "values": [], "scores": []})
-        cell["values"].append(job.value)
-        cell["scores"].append(score)
-    for cells in out.values():
-        for cell in cells.values():
-            cell["chosen"] = tuning_lib.choose(cell["values"], cell["scores"])
-    if exp.get("tuning") and exp["tuning"]["pattern"] != "each":
-        src = exp["tuning"]["pattern"]
-        out = {p: {m: {**c, "from": src} for m, c in out[src].items()} for p in exp["patterns"]}
-    return out
+    finished or every value of a grid failed (:func:`.study.collect_tuning`)."""
+    tuned = study.collect_tuning(exp, jobs)
+    if not exp.get("tuning"):
+        return tuned
+    return study.spread(tuned, exp["tuning"]["pattern"], exp["patterns"])
 
 
 def chosen_values(tuning: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """``{pattern: {method: chosen value}}`` of :func:`collect_tuning`."""
-    return {p: {m: c["chosen"] for m, c in cells.items()} for p, cells in tuning.items()}
+    return study.chosen_values(tuning, len(Job.TUNE_AXES))
 
 
 def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
@@ -295,10 +242,7 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     reported; :func:`missing_cells` names the others."""
     last = exp["last_rounds"]
     out: dict[str, Any] = {}
-    incomplete = {(j.pattern, j.method) for j in jobs if not _usable(j)}
-    for job in jobs:
-        if (job.pattern, job.method) in incomplete:
-            continue
+    for job in study.complete(jobs):
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir)
         cell = out.setdefault(job.pattern, {}).setdefault(
@@ -317,13 +261,7 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     return out
 
 
-def missing_cells(jobs: Sequence[Job]) -> list[str]:
-    """``pattern/method (k of n seeds finished)`` for every cell with an unfinished run."""
-    cells: dict[tuple[str, str], list[bool]] = {}
-    for j in jobs:
-        cells.setdefault((j.pattern, j.method), []).append(_usable(j))
-    return [f"{p}/{m} ({sum(done)} of {len(done)} seeds finished)"
-            for (p, m), done in cells.items() if not all(done)]
+missing_cells = study.missing_cells
 
 
 def paired_gap(results: Mapping[str, Any], pattern: str, a: str, b: str) -> np.ndarray | None:
@@ -537,13 +475,6 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[s
     return "\n".join(lines)
 
 
-def tuning_walls(jobs: Sequence[Job]) -> tuple[int, float]:
-    """``(runs, summed run seconds)`` of the finished tuning runs."""
-    secs = [float(grid.read_summary(j.run_dir, failed=True).get("wall_seconds", 0.0))
-            for j in jobs if grid.finished(j.run_dir, failed=True)]
-    return len(secs), float(sum(secs))
-
-
 # ------------------------------------------------------------------------------ figures
 def plot_convergence(results: Mapping[str, Any], methods: Sequence[str], path: Path) -> None:
     """One panel per pattern: test accuracy vs round, mean ± std over seeds per method."""
@@ -652,67 +583,42 @@ def weight_stats(exp: Mapping[str, Any], out: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = grid.grid_parser(
-        "simulations.experiments.fedau", __doc__, DEFAULT_CONFIG,
-        docs_help="docs page to update (default docs/fedau.md; none with --quick)",
-        figures_help="figure folder (default docs/figures; --out with --quick)")
-    args = parser.parse_args(argv)
-    try:
-        exp = load_experiment(args.config, quick=args.quick)
-        out, docs, figures = grid.output_paths(args, "runs/fedau_mnist1d", Path("docs/fedau.md"),
-                                               Path("docs/figures"))
-        tune_jobs = make_tune_jobs(exp, out)
-        make_jobs(exp, out)  # every table cell validated before anything runs
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    echo = lambda s: print(s, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    if tune_jobs and not args.report_only:
-        echo(f"tuning: {len(tune_jobs)} runs → {out / 'tune'}")
-        run_all(tune_jobs, workers=args.workers, fresh=args.fresh, echo=echo)
-    try:
-        tuning = collect_tuning(exp, tune_jobs) if tune_jobs else {}
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    jobs = make_jobs(exp, out, chosen_values(tuning) if tuning else None)
-    if not args.report_only:
-        echo(f"table: {len(jobs)} runs ({len(exp['patterns'])} patterns × "
-             f"{len(exp['methods'])} methods × {len(exp['seeds'])} seeds) → {out}")
-        run_all(jobs, workers=args.workers, fresh=args.fresh, echo=echo)
-    results = collect(exp, jobs)
-    if not results:
-        print("error: no finished runs to report", file=sys.stderr)
-        return 1
-    n_tune, tune_secs = tuning_walls(tune_jobs)
-    walls = {"table_runs": sum(sum(c["wall_seconds"]) for cells in results.values()
-                               for c in cells.values()),
-             "tuning_runs": tune_secs, "tuning_count": n_tune}
-    if not args.report_only:
-        walls["invocation"] = time.perf_counter() - t0
-    stats = weight_stats(exp, out)
-    from simulations.core.results import atomic_write_text
-
-    atomic_write_text(out / "results.json", json.dumps(
-        {"config": exp, "tuning": tuning, "chosen": chosen_values(tuning) if tuning else {},
-         "results": results, "missing": missing_cells(jobs), "weights": stats,
-         "wall_seconds": walls}, indent=1))
-    missing = missing_cells(jobs)
-    text = report(exp, results, tuning, walls, missing)
+def _report(run: study.Run) -> int:
+    """results.json, the claims and the tables (printed and in the docs page), the figures and
+    the FedAU weight statistics."""
+    exp, results = run.exp, run.results
+    walls = run.walls()
+    stats = weight_stats(exp, run.out)
+    missing = missing_cells(run.jobs)
+    study.write_results(run, walls, missing, weights=stats)
+    text = report(exp, results, run.tuning, walls, missing)
     head = claims_report(exp, results, missing)
-    print(head + "\n\n" + text)
-    figures.mkdir(parents=True, exist_ok=True)
-    plot_convergence(results, list(exp["methods"]), figures / "fedau_convergence.png")
-    plot_weights(exp, out, figures / "fedau_weights.png")
-    if docs is not None:
-        write_section(docs, head, CLAIMS_MARK)
-        write_section(docs, text, MARK)
-        echo(f"wrote {docs}")
-    echo(f"figures in {figures}; results in {out / 'results.json'}")
-    echo(yaml.safe_dump({"weights": stats}, sort_keys=False))
+
+    def plot(figures: Path) -> None:
+        plot_convergence(results, list(exp["methods"]), figures / "fedau_convergence.png")
+        plot_weights(exp, run.out, figures / "fedau_weights.png")
+
+    study.publish(run, head, text, (CLAIMS_MARK, MARK), plot)
+    run.echo(yaml.safe_dump({"weights": stats}, sort_keys=False))
     return 0
+
+
+STUDY = study.Study(
+    module="simulations.experiments.fedau", doc=__doc__, config=DEFAULT_CONFIG,
+    docs_help="docs page to update (default docs/fedau.md; none with --quick)",
+    figures_help="figure folder (default docs/figures; --out with --quick)",
+    job=Job, load_experiment=load_experiment,
+    paths=lambda args, exp: grid.output_paths(args, "runs/fedau_mnist1d", Path("docs/fedau.md"),
+                                              Path("docs/figures")),
+    make_tune_jobs=make_tune_jobs, make_jobs=make_jobs, run_all=run_all,
+    collect_tuning=collect_tuning, collect=collect, report=_report,
+    table_line=lambda exp, out, jobs: (
+        f"table: {len(jobs)} runs ({len(exp['patterns'])} patterns × "
+        f"{len(exp['methods'])} methods × {len(exp['seeds'])} seeds) → {out}"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return study.main(STUDY, argv)
 
 
 if __name__ == "__main__":

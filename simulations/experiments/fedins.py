@@ -29,9 +29,8 @@ into ``--figures``.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
-from simulations.experiments import grid, tuning
-from simulations.report import mean_std, table, write_section
+from simulations.experiments import grid, study, tuning
+from simulations.report import mean_std, table
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fedins_mnist1d.yaml"
 MARK = "fedins:results"
@@ -96,31 +95,21 @@ def tuned_levels(exp: Mapping[str, Any]) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Job(grid.GridJob):
+class Job(study.StudyJob):
     """One run: of the table (``value`` None) or of tuning (``value`` the tuned key's value)."""
+
+    AXES = TUNE_AXES = ("level", "method")
 
     level: str
     method: str
-    seed: int
-    config: dict[str, Any]
-    value: float | None = None
-    key: str | None = None
-
-    @property
-    def name(self) -> str:
-        if self.value is not None:
-            return f"tune/{self.level}/{self.method}/{self.key}={self.value:g}"
-        return f"{self.level}/{self.method}/seed-{self.seed}"
 
 
-def _cell(exp: Mapping[str, Any], level: str, method: str, seed: int, out: Path,
+def _cell(exp: Mapping[str, Any], axes: Mapping[str, str], seed: int, out: Path,
           extra: Mapping[str, Any]) -> dict[str, Any]:
     """The validated run config of one cell: ``base`` ← method ← level ← ``extra``."""
-    over = {k: v for k, v in exp["methods"][method].items() if k != "tune"}
-    data = grid.merge(grid.merge(grid.merge(exp["base"], over), exp["levels"][level]), extra)
-    data.update(seed=int(seed), out=str(out))
-    grid.validate_cell(data, f"{level}.{method}")
-    return data
+    level, method = axes["level"], axes["method"]
+    return study.cell_config(exp["base"], exp["methods"][method], [exp["levels"][level]], extra,
+                             seed=seed, out=out, name=f"{level}.{method}")
 
 
 def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
@@ -128,14 +117,9 @@ def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
     if not exp.get("tuning"):
         return []
     t = exp["tuning"]
-    jobs = []
-    for level in tuned_levels(exp):
-        for method, (key, values) in tuning.tune_grids(exp["methods"]).items():
-            for v in values:
-                run = out / "tune" / level / method / f"{key}-{v:g}"
-                data = _cell(exp, level, method, t["seed"], run, {key: v, "rounds": t["rounds"]})
-                jobs.append(Job(level, method, t["seed"], data, v, key))
-    return jobs
+    cells = [({"level": lv, "method": m}, spec, {"rounds": t["rounds"]})
+             for lv in tuned_levels(exp) for m, spec in tuning.tune_grids(exp["methods"]).items()]
+    return study.tune_jobs(Job, out, cells, t["seed"], functools.partial(_cell, exp))
 
 
 def make_jobs(exp: Mapping[str, Any], out: Path,
@@ -143,26 +127,17 @@ def make_jobs(exp: Mapping[str, Any], out: Path,
     """Every (level, method, seed) of the table, validated up front (a ConfigError names the
     cell). A tuned method gets ``chosen[level][method]``; without ``chosen`` (checking the
     configs before tuning has run) the first value of its grid."""
-    grids = tuning.tune_grids(exp["methods"])
-    jobs = []
-    for level in exp["levels"]:
-        for method in exp["methods"]:
-            extra = {}
-            if method in grids:
-                key, values = grids[method]
-                extra[key] = chosen[level][method] if chosen is not None else values[0]
-            for seed in exp["seeds"]:
-                run = out / level / method / f"seed-{seed}"
-                jobs.append(Job(level, method, int(seed),
-                                _cell(exp, level, method, seed, run, extra)))
-    return jobs
+    cells = [({"level": lv, "method": m}, exp["seeds"]) for lv in exp["levels"]
+             for m in exp["methods"]]
+    return study.table_jobs(Job, out, cells, tuning.tune_grids(exp["methods"]), chosen,
+                            functools.partial(_cell, exp))
 
 
 # ------------------------------------------------------------------------------ running
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
     """Run (or reuse) one simulation; return its summary (plus ``reused``). A tuning run that
     the runner stops (e.g. a learning rate that diverges) is kept as ``failed.json``."""
-    return grid.run_simulation(job, fresh, keep_failed=job.value is not None)
+    return grid.run_simulation(job, fresh, keep_failed=job.keeps_failed)
 
 
 def _worker() -> None:
@@ -190,10 +165,8 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run ``jobs`` (``workers`` at a time; finished runs with another config are redone);
     ``{job.name: summary}``."""
-    tuning_jobs = any(j.value is not None for j in jobs)
-    return grid.run_all(jobs, run_job, initializer=_worker, workers=workers, fresh=fresh,
-                        echo=echo, keep_failed=tuning_jobs, stale=grid.config_stale,
-                        prepare=lambda todo: prepare_backbones(todo, echo))
+    return study.run_jobs(jobs, run_job, _worker, workers, fresh, echo,
+                          prepare=lambda todo: prepare_backbones(todo, echo))
 
 
 # ------------------------------------------------------------------------------ diagnostics
@@ -313,48 +286,24 @@ def backbone_parameters(base: Mapping[str, Any]) -> int:
 
 
 # ------------------------------------------------------------------------------ results
-def _usable(job: Job) -> bool:
-    """A finished run of this job's config (another config's results are never reported)."""
-    return grid.finished(job.run_dir, failed=job.value is not None) and not grid.config_stale(job)
-
-
 def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     """``{level: {method: {key, values, scores, chosen}}}`` for every level of the table (with
     one ``tuning.level``, its choice is copied to the others, ``from`` names it). A score is the
     headline of the tuning run (NaN for a run the runner stopped). ``ConfigError("tuning", ...)``
-    if a tuning run is not finished or every value of a grid failed."""
-    last = exp["last_rounds"]
-    out: dict[str, Any] = {}
-    for job in jobs:
-        if not _usable(job):
-            raise ConfigError("tuning", f"run {job.name} is not finished; run without "
-                              "--report-only")
-        score = tuning.tuning_score(job.run_dir, last)
-        cell = out.setdefault(job.level, {}).setdefault(
-            job.method, {"key": job.key, "values": [], "scores": []})
-        cell["values"].append(job.value)
-        cell["scores"].append(score)
-    for cells in out.values():
-        for cell in cells.values():
-            cell["chosen"] = tuning.choose(cell["values"], cell["scores"])
-    if exp.get("tuning") and exp["tuning"]["level"] != "each":
-        src = exp["tuning"]["level"]
-        out = {lv: {m: {**c, "from": src} for m, c in out[src].items()} for lv in exp["levels"]}
-    return out
+    if a tuning run is not finished or every value of a grid failed
+    (:func:`.study.collect_tuning`)."""
+    tuned = study.collect_tuning(exp, jobs)
+    if not exp.get("tuning"):
+        return tuned
+    return study.spread(tuned, exp["tuning"]["level"], exp["levels"])
 
 
 def chosen_values(tuned: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """``{level: {method: chosen value}}`` of :func:`collect_tuning`."""
-    return {lv: {m: c["chosen"] for m, c in cells.items()} for lv, cells in tuned.items()}
+    return study.chosen_values(tuned, len(Job.TUNE_AXES))
 
 
-def missing_cells(jobs: Sequence[Job]) -> list[str]:
-    """``level/method (k of n seeds finished)`` for every cell with an unfinished run."""
-    cells: dict[tuple[str, str], list[bool]] = {}
-    for j in jobs:
-        cells.setdefault((j.level, j.method), []).append(_usable(j))
-    return [f"{lv}/{m} ({sum(done)} of {len(done)} seeds finished)"
-            for (lv, m), done in cells.items() if not all(done)]
+missing_cells = study.missing_cells
 
 
 def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
@@ -365,10 +314,7 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     reported; :func:`missing_cells` names the others. JSON-ready."""
     last, gap = exp["last_rounds"], exp["plateau_gap"]
     out: dict[str, Any] = {}
-    incomplete = {(j.level, j.method) for j in jobs if not _usable(j)}
-    for job in jobs:
-        if (job.level, job.method) in incomplete:
-            continue
+    for job in study.complete(jobs):
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir)
         rows = grid.train_rows(job.run_dir)
@@ -400,11 +346,6 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     return out
 
 
-def tuning_walls(jobs: Sequence[Job]) -> tuple[int, float]:
-    """``(runs, summed run seconds)`` of the finished tuning runs."""
-    secs = [float(grid.read_summary(j.run_dir, failed=True).get("wall_seconds", 0.0))
-            for j in jobs if grid.finished(j.run_dir, failed=True)]
-    return len(secs), float(sum(secs))
 
 
 # ------------------------------------------------------------------------------ report
@@ -731,69 +672,44 @@ def plot_slots(results: Mapping[str, Any], path: Path, method: str = "fedins") -
 
 
 # ------------------------------------------------------------------------------ CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = grid.grid_parser(
-        "simulations.experiments.fedins", __doc__, DEFAULT_CONFIG,
-        docs_help="docs page to update (default docs/fedins.md; none with --quick)",
-        figures_help="figure folder (default docs/figures; --out with --quick)")
-    args = parser.parse_args(argv)
-    try:
-        exp = load_experiment(args.config, quick=args.quick)
-        out, docs, figures = grid.output_paths(args, "runs/fedins_mnist1d", Path("docs/fedins.md"),
-                                               Path("docs/figures"))
-        tune_jobs = make_tune_jobs(exp, out)
-        make_jobs(exp, out)  # every table cell validated before anything runs
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    echo = lambda s: print(s, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    if tune_jobs and not args.report_only:
-        echo(f"tuning: {len(tune_jobs)} runs → {out / 'tune'}")
-        run_all(tune_jobs, workers=args.workers, fresh=args.fresh, echo=echo)
-    try:
-        tuned = collect_tuning(exp, tune_jobs) if tune_jobs else {}
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    jobs = make_jobs(exp, out, chosen_values(tuned) if tuned else None)
-    if not args.report_only:
-        echo(f"table: {len(jobs)} runs ({len(exp['levels'])} levels × {len(exp['methods'])} "
-             f"methods × {len(exp['seeds'])} seeds) → {out}")
-        run_all(jobs, workers=args.workers, fresh=args.fresh, echo=echo)
-    results = collect(exp, jobs)
-    if not results:
-        print("error: no finished runs to report", file=sys.stderr)
-        return 1
-    n_tune, tune_secs = tuning_walls(tune_jobs)
-    walls = {"table_runs": sum(sum(c["wall_seconds"]) for cells in results.values()
-                               for c in cells.values()),
-             "tuning_runs": tune_secs, "tuning_count": n_tune}
-    if not args.report_only:
-        walls["invocation"] = time.perf_counter() - t0
+def _report(run: study.Run) -> int:
+    """results.json (with the query separability and the backbone's size), the claims and the
+    tables (printed and in the docs page), the figures."""
+    exp, results = run.exp, run.results
+    walls = run.walls()
     style = (exp["base"].get("dataset_args") or {}).get("domain_style", "drift")
     query = {s: query_separability(exp["base"], s)
              for s in dict.fromkeys([style, *exp["query_check"]])}
     params = backbone_parameters(exp["base"])
-    missing = missing_cells(jobs)
-    from simulations.core.results import atomic_write_text
-
-    atomic_write_text(out / "results.json", json.dumps(
-        {"config": exp, "tuning": tuned, "chosen": chosen_values(tuned) if tuned else {},
-         "results": results, "missing": missing, "query_separability": query,
-         "backbone_parameters": params, "wall_seconds": walls}, indent=1))
+    missing = missing_cells(run.jobs)
+    study.write_results(run, walls, missing, query_separability=query, backbone_parameters=params)
     head = claims_report(exp, results, missing, params)
-    text = report(exp, results, tuned, walls, missing, query, params)
-    print(head + "\n\n" + text)
-    figures.mkdir(parents=True, exist_ok=True)
-    plot_convergence(results, list(exp["methods"]), figures / "fedins_convergence.png")
-    plot_slots(results, figures / "fedins_slots.png")
-    if docs is not None:
-        write_section(docs, head, CLAIMS_MARK)
-        write_section(docs, text, MARK)
-        echo(f"wrote {docs}")
-    echo(f"figures in {figures}; results in {out / 'results.json'}")
+    text = report(exp, results, run.tuning, walls, missing, query, params)
+
+    def plot(figures: Path) -> None:
+        plot_convergence(results, list(exp["methods"]), figures / "fedins_convergence.png")
+        plot_slots(results, figures / "fedins_slots.png")
+
+    study.publish(run, head, text, (CLAIMS_MARK, MARK), plot)
     return 0
+
+
+STUDY = study.Study(
+    module="simulations.experiments.fedins", doc=__doc__, config=DEFAULT_CONFIG,
+    docs_help="docs page to update (default docs/fedins.md; none with --quick)",
+    figures_help="figure folder (default docs/figures; --out with --quick)",
+    job=Job, load_experiment=load_experiment,
+    paths=lambda args, exp: grid.output_paths(args, "runs/fedins_mnist1d",
+                                              Path("docs/fedins.md"), Path("docs/figures")),
+    make_tune_jobs=make_tune_jobs, make_jobs=make_jobs, run_all=run_all,
+    collect_tuning=collect_tuning, collect=collect, report=_report,
+    table_line=lambda exp, out, jobs: (
+        f"table: {len(jobs)} runs ({len(exp['levels'])} levels × {len(exp['methods'])} "
+        f"methods × {len(exp['seeds'])} seeds) → {out}"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return study.main(STUDY, argv)
 
 
 if __name__ == "__main__":
