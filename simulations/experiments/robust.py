@@ -20,6 +20,7 @@ the largest f, one panel per attack) and ``robust_vs_f.png`` (worst case over at
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedagg.errors import ConfigError
-from simulations.experiments import grid
+from simulations.experiments import grid, study
 from simulations.experiments import tuning as tuning_lib
 from simulations.report import mean_std, table, write_section
 
@@ -132,37 +133,40 @@ def _check_last_rounds(exp: Mapping[str, Any]) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Job(grid.GridJob):
+class Job(study.StudyJob):
     """One run: of the table (``value`` None) or of tuning (``value`` the tuned key's value)."""
+
+    AXES = ("f", "attack", "aggregator")
+    TUNE_AXES = ("aggregator",)
 
     f: int
     attack: str
     aggregator: str
-    seed: int
-    config: dict[str, Any]
-    value: float | None = None
-    key: str | None = None
+
+    @staticmethod
+    def label(axis: str, value: Any) -> str:
+        return f"f{value}" if axis == "f" else str(value)
 
     @property
-    def name(self) -> str:
-        if self.value is not None:
-            return f"tune/{self.aggregator}/{self.key}={self.value:g}"
-        return f"f{self.f}/{self.attack}/{self.aggregator}/seed-{self.seed}"
+    def keeps_failed(self) -> bool:
+        """Every run: a run the runner stops (diverged) is reported, its last evaluation
+        carried forward (:func:`collect`)."""
+        return True
 
 
-def _cell(exp: Mapping[str, Any], f: int, attack: str, agg: str, seed: int, out: Path,
+def _cell(exp: Mapping[str, Any], axes: Mapping[str, Any], seed: int, out: Path,
           extra: Mapping[str, Any]) -> dict[str, Any]:
     """The validated run config of one cell: ``base`` ← aggregator ← attack ← ``extra``."""
-    over = {k: v for k, v in exp["aggregators"][agg].items() if k != "tune"}
+    f, attack, agg = axes["f"], axes["attack"], axes["aggregator"]
     a_over = exp["attacks"].get(attack, {}) if attack != NO_ATTACK else {}
-    data = grid.merge(grid.merge(exp["base"], over), a_over or {})
-    data = grid.merge(data, extra)
-    data.update(seed=int(seed), num_byzantine=f, out=str(out))
-    if f == 0:
-        data.pop("attack", None)
-        data.pop("attack_args", None)
-    grid.validate_cell(data, f"f{f}.{attack}.{agg}")
-    return data
+    return study.cell_config(exp["base"], exp["aggregators"][agg], [a_over or {}], extra,
+                             seed=seed, out=out, name=f"f{f}.{attack}.{agg}",
+                             fixed={"num_byzantine": f},
+                             drop=("attack", "attack_args") if f == 0 else ())
+
+
+def _grids(exp: Mapping[str, Any]) -> dict[str, tuple[str, list[float]]]:
+    return {agg: spec for agg in exp["aggregators"] if (spec := tune_grid(exp, agg)) is not None}
 
 
 def _declares_f(strategy: str) -> bool:
@@ -177,19 +181,12 @@ def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
     if not exp.get("tuning"):
         return []
     t = exp["tuning"]
-    jobs = []
-    for agg in exp["aggregators"]:
-        spec = tune_grid(exp, agg)
-        if spec is None:
-            continue
-        key, values = spec
+    cells = []
+    for agg, spec in _grids(exp).items():
         strategy = grid.merge(exp["base"], exp["aggregators"][agg]).get("strategy", "fedavg")
         extra_f = {"strategy_args": {"f": t["f"]}} if t["f"] and _declares_f(strategy) else {}
-        for v in values:
-            run = out / "tune" / agg / f"{key}-{v:g}"
-            data = _cell(exp, 0, NO_ATTACK, agg, t["seed"], run, {key: v, **extra_f})
-            jobs.append(Job(0, NO_ATTACK, agg, t["seed"], data, v, key))
-    return jobs
+        cells.append(({"f": 0, "attack": NO_ATTACK, "aggregator": agg}, spec, extra_f))
+    return study.tune_jobs(Job, out, cells, t["seed"], functools.partial(_cell, exp))
 
 
 def make_jobs(exp: Mapping[str, Any], out: Path,
@@ -197,30 +194,13 @@ def make_jobs(exp: Mapping[str, Any], out: Path,
     """Every cell of the table, validated up front (a ConfigError names the cell). A tuned
     aggregator gets ``chosen[agg]``; without ``chosen`` (checking the configs before tuning has
     run) the first value of its grid."""
-    jobs = []
-    for f in exp["f"]:
-        f = int(f)
-        seeds = exp["seeds_by_f"].get(f, exp["seeds"])
-        for attack in attacks_at(exp, f):
-            for agg in exp["aggregators"]:
-                spec = tune_grid(exp, agg)
-                extra = {}
-                if spec is not None:
-                    extra[spec[0]] = chosen[agg] if chosen is not None else spec[1][0]
-                for seed in seeds:
-                    run = out / f"f{f}" / attack / agg / f"seed-{seed}"
-                    jobs.append(Job(f, attack, agg, int(seed),
-                                    _cell(exp, f, attack, agg, seed, run, extra)))
-    return jobs
+    cells = [({"f": int(f), "attack": attack, "aggregator": agg},
+              exp["seeds_by_f"].get(int(f), exp["seeds"]))
+             for f in exp["f"] for attack in attacks_at(exp, int(f)) for agg in exp["aggregators"]]
+    return study.table_jobs(Job, out, cells, _grids(exp), chosen, functools.partial(_cell, exp))
 
 
 # ------------------------------------------------------------------------------ running
-def finished(run_dir: Path) -> bool:
-    """A run is done when it wrote its summary, or stopped early (``failed.json``, see
-    :func:`run_job`)."""
-    return grid.finished(run_dir, failed=True)
-
-
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
     """Run (or reuse) one simulation; return its summary (plus ``cpu_seconds``, ``reused``). A run
     the runner stops (diverged) keeps its completed rounds and writes ``failed.json``."""
@@ -252,10 +232,8 @@ def _one_thread(_todo: Sequence[Job]) -> None:
 def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run ``jobs`` (``workers`` ≤ 2 at a time); ``{job.name: summary}``."""
-    return grid.run_all(jobs, run_job, initializer=_quiet_worker,
-                        workers=max(1, min(int(workers), 2)), fresh=fresh, echo=echo,
-                        line=_progress, keep_failed=True, prepare=_one_thread,
-                        stale=grid.config_stale)
+    return study.run_jobs(jobs, run_job, _quiet_worker, max(1, min(int(workers), 2)), fresh,
+                          echo, line=_progress, prepare=_one_thread)
 
 
 # ------------------------------------------------------------------------------ results
@@ -270,9 +248,6 @@ def _column_total(run_dir: Path, key: str) -> float:
     return float(sum(float(v) for v in vals if v not in (None, "") and math.isfinite(float(v))))
 
 
-def _usable(job: Job) -> bool:
-    """A finished run of this job's config (another config's results are never reported)."""
-    return finished(job.run_dir) and not grid.config_stale(job)
 
 
 def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
@@ -283,7 +258,7 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     last = exp["last_rounds"]
     out: dict[str, Any] = {}
     for job in jobs:
-        if not _usable(job):
+        if not study.usable(job):
             continue
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir, failed=True)
@@ -312,20 +287,8 @@ def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any
     """``{aggregator: {key, values, scores, chosen, edge}}``: a score is the headline of the
     tuning run (NaN if the runner stopped it); ``chosen`` has the best score; ``edge`` says it is
     the first or last value of the grid. ConfigError("tuning", ...) if a run is not finished or
-    every value failed."""
-    out: dict[str, Any] = {}
-    for job in jobs:
-        if not _usable(job):
-            raise ConfigError("tuning", f"run {job.name} is not finished; run without "
-                              "--report-only")
-        score = tuning_lib.tuning_score(job.run_dir, exp["last_rounds"])
-        cell = out.setdefault(job.aggregator, {"key": job.key, "values": [], "scores": []})
-        cell["values"].append(job.value)
-        cell["scores"].append(score)
-    for cell in out.values():
-        cell["chosen"] = tuning_lib.choose(cell["values"], cell["scores"])
-        cell["edge"] = cell["chosen"] in (cell["values"][0], cell["values"][-1])
-    return out
+    every value failed (:func:`.study.collect_tuning`)."""
+    return study.collect_tuning(exp, jobs, edge=True)
 
 
 def attacks_at(exp: Mapping[str, Any], f: int) -> list[str]:
@@ -697,72 +660,60 @@ def write_docs(markdown: str, docs: Path, claims: str | None = None, name: str =
 
 
 # ------------------------------------------------------------------------------ CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = grid.grid_parser(
-        "simulations.experiments.robust", __doc__, DEFAULT_CONFIG,
-        docs_help="docs page to update (default docs/robust.md; none with --quick)",
-        figures_help="figure folder (default docs/figures; none with --quick)",
-        workers_help="runs in parallel (default 2, at most 2)")
-    args = parser.parse_args(argv)
-    root = Path(__file__).resolve().parents[2]
-    try:
-        exp = load_experiment(args.config, quick=args.quick)
-        out, docs, figures = grid.output_paths(args, f"runs/{exp['name']}_mnist1d",
-                                               root / "docs" / "robust.md", root / "docs" / "figures",
-                                               quick_figures=False)
-        tune_jobs = make_tune_jobs(exp, out)
-        make_jobs(exp, out)  # every table cell validated before anything runs
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    echo = lambda m: print(m, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    summaries: dict[str, Any] = {}
-    if tune_jobs:
-        print(f"tuning: {len(tune_jobs)} runs into {out / 'tune'}")
-        if not args.report_only:
-            summaries.update(run_all(tune_jobs, workers=args.workers, fresh=args.fresh, echo=echo))
-    try:
-        tuning = collect_tuning(exp, tune_jobs) if tune_jobs else {}
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    chosen = {agg: c["chosen"] for agg, c in tuning.items()}
-    jobs = make_jobs(exp, out, chosen if tune_jobs else None)
-    print(f"table: {len(jobs)} runs into {out}")
-    if not args.report_only:
-        summaries.update(run_all(jobs, workers=args.workers, fresh=args.fresh, echo=echo))
-    results = collect(exp, jobs)
-    cpu = [float(s["cpu_seconds"]) for s in summaries.values()
+def _report(run: study.Run) -> int:
+    """The CPU time of this invocation, results.json, the claims and the tables (printed and in
+    the docs page), the figures."""
+    exp, out, results = run.exp, run.out, run.results
+    cpu = [float(s["cpu_seconds"]) for s in run.summaries.values()
            if not s.get("reused") and "cpu_seconds" in s]
     if cpu:
         print(f"this invocation: {len(cpu)} runs, {sum(cpu) / 60:.1f} CPU minutes "
               f"({np.mean(cpu):.1f} s per run)")
-    all_jobs = [*tune_jobs, *jobs]
+    done = [j for j in [*run.tune_jobs, *run.jobs] if study.usable(j)]
     wall = sum(float(grid.read_summary(j.run_dir, failed=True).get("wall_seconds", 0.0))
-               for j in all_jobs if _usable(j))
+               for j in done)
     out.mkdir(parents=True, exist_ok=True)
     from simulations.core.results import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(
-        {"config": exp, "tuning": tuning, "results": results, "run_wall_seconds": wall},
+        {"config": exp, "tuning": run.tuning, "results": results, "run_wall_seconds": wall},
         default=str))
-    done = sum(1 for j in all_jobs if _usable(j))
-    md = report_markdown(results, exp, done, tuning, wall)
+    md = report_markdown(results, exp, len(done), run.tuning, wall)
     claims = claims_markdown(results, exp) if exp["claims"] and "flag" in exp["aggregators"] else None
     print(claims or "")
     print(md)
-    if figures is not None:
+    if run.figures is not None:
         attacks, aggs = list(exp["attacks"]), list(exp["aggregators"])
         fmax = max(int(f) for f in exp["f"])
         name = exp["name"]
-        plot_heatmap(results, fmax, attacks, aggs, LABELS, figures / f"{name}_heatmap.png")
-        plot_curves(results, fmax, attacks, aggs, LABELS, figures / f"{name}_curves.png")
-        plot_vs_f(results, full_fs(exp), attacks, aggs, figures / f"{name}_vs_f.png")
-    if docs is not None:
-        print(f"recorded in {write_docs(md, docs, claims, exp['name'])}")
-    print(f"done in {time.perf_counter() - t0:.0f} s")
+        plot_heatmap(results, fmax, attacks, aggs, LABELS, run.figures / f"{name}_heatmap.png")
+        plot_curves(results, fmax, attacks, aggs, LABELS, run.figures / f"{name}_curves.png")
+        plot_vs_f(results, full_fs(exp), attacks, aggs, run.figures / f"{name}_vs_f.png")
+    if run.docs is not None:
+        print(f"recorded in {write_docs(md, run.docs, claims, exp['name'])}")
+    print(f"done in {time.perf_counter() - run.t0:.0f} s")
     return 0
+
+
+_ROOT = Path(__file__).resolve().parents[2]
+STUDY = study.Study(
+    module="simulations.experiments.robust", doc=__doc__, config=DEFAULT_CONFIG,
+    docs_help="docs page to update (default docs/robust.md; none with --quick)",
+    figures_help="figure folder (default docs/figures; none with --quick)",
+    workers_help="runs in parallel (default 2, at most 2)",
+    job=Job, load_experiment=load_experiment,
+    paths=lambda args, exp: grid.output_paths(args, f"runs/{exp['name']}_mnist1d",
+                                              _ROOT / "docs" / "robust.md",
+                                              _ROOT / "docs" / "figures", quick_figures=False),
+    make_tune_jobs=make_tune_jobs, make_jobs=make_jobs, run_all=run_all,
+    collect_tuning=collect_tuning, collect=collect, report=_report,
+    tune_line=lambda out, jobs: f"tuning: {len(jobs)} runs into {out / 'tune'}",
+    table_line=lambda exp, out, jobs: f"table: {len(jobs)} runs into {out}",
+    announce_always=True, tuning_exit=2, require_results=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return study.main(STUDY, argv)
 
 
 if __name__ == "__main__":
