@@ -28,7 +28,6 @@ tables between ``<!-- fedau:results -->`` markers in ``--docs`` (default ``docs/
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,13 +66,8 @@ def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> d
         raise ConfigError("last_rounds", f"must be an integer >= 1 (got {last!r})")
     exp["methods"] = {m: dict(over or {}) for m, over in exp["methods"].items()}
     grids = {m: _check_tune(m, over) for m, over in exp["methods"].items() if "tune" in over}
-    if exp.get("tuning") is not None:
-        exp["tuning"] = _check_tuning(exp["tuning"], exp)
-        if not grids:
-            raise ConfigError("tuning", "no method has a `tune` grid; add one or drop `tuning`")
-    elif grids:
-        raise ConfigError(f"methods.{next(iter(grids))}.tune",
-                          "a tune grid needs a `tuning` section (seed, rounds, pattern)")
+    tuning_lib.check_pairing(exp, list(grids), "methods", "method",
+                             lambda spec: _check_tuning(spec, exp), "seed, rounds, pattern")
     _check_last_rounds(exp)
     return exp
 
@@ -122,12 +116,6 @@ def tune_grid(exp: Mapping[str, Any], method: str) -> tuple[str, list[float]] | 
     return _check_tune(method, over) if "tune" in over else None
 
 
-def tuned_patterns(exp: Mapping[str, Any]) -> list[str]:
-    """The patterns tuning runs on: all, or the one named by ``tuning.pattern``."""
-    pattern = exp["tuning"]["pattern"]
-    return list(exp["patterns"]) if pattern == "each" else [pattern]
-
-
 @dataclasses.dataclass(frozen=True)
 class Job(study.StudyJob):
     """One run: of the table (``value`` None) or of tuning (``value`` the tuned key's value)."""
@@ -138,35 +126,14 @@ class Job(study.StudyJob):
     method: str
 
 
-def _cell(exp: Mapping[str, Any], axes: Mapping[str, str], seed: int, out: Path,
-          extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The validated run config of one cell: ``base`` ← method ← pattern ← ``extra``."""
-    pattern, method = axes["pattern"], axes["method"]
-    return study.cell_config(exp["base"], exp["methods"][method],
-                             [{"participation": exp["patterns"][pattern] or {}}], extra,
-                             seed=seed, out=out, name=f"{pattern}.{method}")
-
-
-def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
-    """Every (tuned pattern, tuned method, value) on the tuning seed, validated up front."""
-    if not exp.get("tuning"):
-        return []
-    t = exp["tuning"]
-    grids = tuning_lib.tune_grids(exp["methods"])
-    cells = [({"pattern": p, "method": m}, spec, {"rounds": t["rounds"]})
-             for p in tuned_patterns(exp) for m, spec in grids.items()]
-    return study.tune_jobs(Job, out, cells, t["seed"], functools.partial(_cell, exp))
-
-
-def make_jobs(exp: Mapping[str, Any], out: Path,
-              chosen: Mapping[str, Mapping[str, float]] | None = None) -> list[Job]:
-    """Every (pattern, method, seed) of the table, validated up front (a ConfigError names the
-    cell). A tuned method gets ``chosen[pattern][method]``; without ``chosen`` (checking the
-    configs before tuning has run) the first value of its grid."""
-    cells = [({"pattern": p, "method": m}, exp["seeds"]) for p in exp["patterns"]
-             for m in exp["methods"]]
-    return study.table_jobs(Job, out, cells, tuning_lib.tune_grids(exp["methods"]), chosen,
-                            functools.partial(_cell, exp))
+#: The jobs and tuning of the (pattern × method) grid: a cell's run config is ``base`` ← method
+#: ← the pattern (its keys under ``participation``) ← the tuned value.
+GRID = study.MethodGrid(Job, "pattern", "patterns",
+                        layer=lambda over: {"participation": over or {}})
+make_tune_jobs = GRID.tune_jobs
+make_jobs = GRID.table_jobs
+collect_tuning = GRID.collect_tuning
+chosen_values = GRID.chosen_values
 
 
 # ------------------------------------------------------------------------------ running
@@ -216,23 +183,6 @@ collapsed = tuning_lib.collapsed
 def mean_participants(run_dir: Path) -> float:
     rows = grid.train_rows(run_dir)
     return float(np.mean([float(r["clients"]) for r in rows])) if rows else float("nan")
-
-
-def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
-    """``{pattern: {method: {key, values, scores, chosen}}}`` for every pattern of the table
-    (with ``tuning.pattern`` one pattern, its choice is copied to the others, ``from`` names it).
-    A score is the headline metric of the tuning run (NaN for a run the runner stopped); the
-    chosen value has the best score. ``ConfigError("tuning", ...)`` if a tuning run is not
-    finished or every value of a grid failed (:func:`.study.collect_tuning`)."""
-    tuned = study.collect_tuning(exp, jobs)
-    if not exp.get("tuning"):
-        return tuned
-    return study.spread(tuned, exp["tuning"]["pattern"], exp["patterns"])
-
-
-def chosen_values(tuning: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``{pattern: {method: chosen value}}`` of :func:`collect_tuning`."""
-    return study.chosen_values(tuning, len(Job.TUNE_AXES))
 
 
 def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
@@ -593,32 +543,18 @@ def _report(run: study.Run) -> int:
     study.write_results(run, walls, missing, weights=stats)
     text = report(exp, results, run.tuning, walls, missing)
     head = claims_report(exp, results, missing)
-
-    def plot(figures: Path) -> None:
-        plot_convergence(results, list(exp["methods"]), figures / "fedau_convergence.png")
-        plot_weights(exp, run.out, figures / "fedau_weights.png")
-
-    study.publish(run, head, text, (CLAIMS_MARK, MARK), plot)
+    study.publish(run, head, text, (CLAIMS_MARK, MARK), {
+        "fedau_convergence.png": lambda path: plot_convergence(results, list(exp["methods"]), path),
+        "fedau_weights.png": lambda path: plot_weights(exp, run.out, path)})
     run.echo(yaml.safe_dump({"weights": stats}, sort_keys=False))
     return 0
 
 
-STUDY = study.Study(
-    module="simulations.experiments.fedau", doc=__doc__, config=DEFAULT_CONFIG,
-    docs_help="docs page to update (default docs/fedau.md; none with --quick)",
-    figures_help="figure folder (default docs/figures; --out with --quick)",
-    job=Job, load_experiment=load_experiment,
-    paths=lambda args, exp: grid.output_paths(args, "runs/fedau_mnist1d", Path("docs/fedau.md"),
-                                              Path("docs/figures")),
-    make_tune_jobs=make_tune_jobs, make_jobs=make_jobs, run_all=run_all,
-    collect_tuning=collect_tuning, collect=collect, report=_report,
-    table_line=lambda exp, out, jobs: (
-        f"table: {len(jobs)} runs ({len(exp['patterns'])} patterns × "
-        f"{len(exp['methods'])} methods × {len(exp['seeds'])} seeds) → {out}"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return study.main(STUDY, argv)
+STUDY = GRID.study("fedau", __doc__, DEFAULT_CONFIG, "runs/fedau_mnist1d",
+                   load_experiment=load_experiment, run_all=run_all, collect=collect,
+                   report=_report)
+#: ``python -m`` entry point (:func:`~simulations.experiments.study.run_study`).
+main = STUDY.main
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ into ``--figures``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -64,14 +63,10 @@ def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> d
     exp["levels"] = {lv: dict(over or {}) for lv, over in exp["levels"].items()}
     grids = tuning.tune_grids(exp["methods"])
     rounds = int(exp["base"].get("rounds", 20))
-    if exp.get("tuning") is not None:
-        exp["tuning"] = tuning.check_tuning(exp["tuning"], exp["seeds"], rounds, "level",
-                                            list(exp["levels"]))
-        if not grids:
-            raise ConfigError("tuning", "no method has a `tune` grid; add one or drop `tuning`")
-    elif grids:
-        raise ConfigError(f"methods.{next(iter(grids))}.tune",
-                          "a tune grid needs a `tuning` section (seed, rounds, level)")
+    tuning.check_pairing(exp, list(grids), "methods", "method",
+                         lambda spec: tuning.check_tuning(spec, exp["seeds"], rounds, "level",
+                                                          list(exp["levels"])),
+                         "seed, rounds, level")
     lengths = {"base.rounds": rounds}
     if exp.get("tuning"):
         lengths["tuning.rounds"] = exp["tuning"]["rounds"]
@@ -88,12 +83,6 @@ def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> d
     return exp
 
 
-def tuned_levels(exp: Mapping[str, Any]) -> list[str]:
-    """The levels tuning runs on: all, or the one named by ``tuning.level``."""
-    where = exp["tuning"]["level"]
-    return list(exp["levels"]) if where == "each" else [where]
-
-
 @dataclasses.dataclass(frozen=True)
 class Job(study.StudyJob):
     """One run: of the table (``value`` None) or of tuning (``value`` the tuned key's value)."""
@@ -104,33 +93,13 @@ class Job(study.StudyJob):
     method: str
 
 
-def _cell(exp: Mapping[str, Any], axes: Mapping[str, str], seed: int, out: Path,
-          extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The validated run config of one cell: ``base`` ← method ← level ← ``extra``."""
-    level, method = axes["level"], axes["method"]
-    return study.cell_config(exp["base"], exp["methods"][method], [exp["levels"][level]], extra,
-                             seed=seed, out=out, name=f"{level}.{method}")
-
-
-def make_tune_jobs(exp: Mapping[str, Any], out: Path) -> list[Job]:
-    """Every (tuned level, tuned method, value) on the tuning seed, validated up front."""
-    if not exp.get("tuning"):
-        return []
-    t = exp["tuning"]
-    cells = [({"level": lv, "method": m}, spec, {"rounds": t["rounds"]})
-             for lv in tuned_levels(exp) for m, spec in tuning.tune_grids(exp["methods"]).items()]
-    return study.tune_jobs(Job, out, cells, t["seed"], functools.partial(_cell, exp))
-
-
-def make_jobs(exp: Mapping[str, Any], out: Path,
-              chosen: Mapping[str, Mapping[str, float]] | None = None) -> list[Job]:
-    """Every (level, method, seed) of the table, validated up front (a ConfigError names the
-    cell). A tuned method gets ``chosen[level][method]``; without ``chosen`` (checking the
-    configs before tuning has run) the first value of its grid."""
-    cells = [({"level": lv, "method": m}, exp["seeds"]) for lv in exp["levels"]
-             for m in exp["methods"]]
-    return study.table_jobs(Job, out, cells, tuning.tune_grids(exp["methods"]), chosen,
-                            functools.partial(_cell, exp))
+#: The jobs and tuning of the (level × method) grid: a cell's run config is ``base`` ← method ←
+#: level ← the tuned value.
+GRID = study.MethodGrid(Job, "level", "levels")
+make_tune_jobs = GRID.tune_jobs
+make_jobs = GRID.table_jobs
+collect_tuning = GRID.collect_tuning
+chosen_values = GRID.chosen_values
 
 
 # ------------------------------------------------------------------------------ running
@@ -286,23 +255,6 @@ def backbone_parameters(base: Mapping[str, Any]) -> int:
 
 
 # ------------------------------------------------------------------------------ results
-def collect_tuning(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
-    """``{level: {method: {key, values, scores, chosen}}}`` for every level of the table (with
-    one ``tuning.level``, its choice is copied to the others, ``from`` names it). A score is the
-    headline of the tuning run (NaN for a run the runner stopped). ``ConfigError("tuning", ...)``
-    if a tuning run is not finished or every value of a grid failed
-    (:func:`.study.collect_tuning`)."""
-    tuned = study.collect_tuning(exp, jobs)
-    if not exp.get("tuning"):
-        return tuned
-    return study.spread(tuned, exp["tuning"]["level"], exp["levels"])
-
-
-def chosen_values(tuned: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``{level: {method: chosen value}}`` of :func:`collect_tuning`."""
-    return study.chosen_values(tuned, len(Job.TUNE_AXES))
-
-
 missing_cells = study.missing_cells
 
 
@@ -344,8 +296,6 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
         if routing is not None:
             cell["routing"].append(routing)
     return out
-
-
 
 
 # ------------------------------------------------------------------------------ report
@@ -685,31 +635,17 @@ def _report(run: study.Run) -> int:
     study.write_results(run, walls, missing, query_separability=query, backbone_parameters=params)
     head = claims_report(exp, results, missing, params)
     text = report(exp, results, run.tuning, walls, missing, query, params)
-
-    def plot(figures: Path) -> None:
-        plot_convergence(results, list(exp["methods"]), figures / "fedins_convergence.png")
-        plot_slots(results, figures / "fedins_slots.png")
-
-    study.publish(run, head, text, (CLAIMS_MARK, MARK), plot)
+    study.publish(run, head, text, (CLAIMS_MARK, MARK), {
+        "fedins_convergence.png": lambda path: plot_convergence(results, list(exp["methods"]), path),
+        "fedins_slots.png": lambda path: plot_slots(results, path)})
     return 0
 
 
-STUDY = study.Study(
-    module="simulations.experiments.fedins", doc=__doc__, config=DEFAULT_CONFIG,
-    docs_help="docs page to update (default docs/fedins.md; none with --quick)",
-    figures_help="figure folder (default docs/figures; --out with --quick)",
-    job=Job, load_experiment=load_experiment,
-    paths=lambda args, exp: grid.output_paths(args, "runs/fedins_mnist1d",
-                                              Path("docs/fedins.md"), Path("docs/figures")),
-    make_tune_jobs=make_tune_jobs, make_jobs=make_jobs, run_all=run_all,
-    collect_tuning=collect_tuning, collect=collect, report=_report,
-    table_line=lambda exp, out, jobs: (
-        f"table: {len(jobs)} runs ({len(exp['levels'])} levels × {len(exp['methods'])} "
-        f"methods × {len(exp['seeds'])} seeds) → {out}"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return study.main(STUDY, argv)
+STUDY = GRID.study("fedins", __doc__, DEFAULT_CONFIG, "runs/fedins_mnist1d",
+                   load_experiment=load_experiment, run_all=run_all, collect=collect,
+                   report=_report)
+#: ``python -m`` entry point (:func:`~simulations.experiments.study.run_study`).
+main = STUDY.main
 
 
 if __name__ == "__main__":

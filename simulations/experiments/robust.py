@@ -89,13 +89,8 @@ def load_experiment(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> d
     tuned = [a for a, over in exp["aggregators"].items() if "tune" in over]
     for agg in tuned:
         tune_grid(exp, agg)
-    if exp.get("tuning") is not None:
-        exp["tuning"] = _check_tuning(exp["tuning"], exp)
-        if not tuned:
-            raise ConfigError("tuning", "no aggregator has a `tune` grid; add one or drop `tuning`")
-    elif tuned:
-        raise ConfigError(f"aggregators.{tuned[0]}.tune",
-                          "a tune grid needs a `tuning` section (seed, f)")
+    tuning_lib.check_pairing(exp, tuned, "aggregators", "aggregator",
+                             lambda spec: _check_tuning(spec, exp), "seed, f")
     _check_last_rounds(exp)
     return exp
 
@@ -710,10 +705,8 @@ STUDY = study.Study(
     tune_line=lambda out, jobs: f"tuning: {len(jobs)} runs into {out / 'tune'}",
     table_line=lambda exp, out, jobs: f"table: {len(jobs)} runs into {out}",
     announce_always=True, tuning_exit=2, require_results=False)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return study.main(STUDY, argv)
+#: ``python -m`` entry point (:func:`~simulations.experiments.study.run_study`).
+main = STUDY.main
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 A study is a grid of cells, each run on several seeds; a method's learning rate may be tuned
 first, on a seed the table does not use (:mod:`~simulations.experiments.tuning`). A driver
 describes its grid with a :class:`StudyJob` subclass (its axes: e.g. ``pattern`` × ``method``)
-and hands a :class:`Study` (its loader, job builders, runner and report) to :func:`main`, which
+and hands a :class:`Study` (its loader, job builders, runner and report) to :func:`run_study`
+(``Study.main``), which
 
 1. parses the common flags (:func:`~simulations.experiments.grid.grid_parser`), loads and checks
    the experiment, resolves the output paths, builds the tuning jobs and validates every table
@@ -152,6 +153,81 @@ def table_jobs(job: type[J], out: Path, cells: Iterable[tuple[Mapping[str, Any],
             run = out.joinpath(*job.labels(axes, job.AXES), f"seed-{seed}")
             jobs.append(job(**axes, seed=int(seed), config=config(axes, seed, run, extra)))
     return jobs
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodGrid:
+    """The jobs and the tuning of an ``<axis> × method`` study (FedAU: patterns, FedIns:
+    levels): the experiment's ``methods`` (each may have a ``tune`` grid) on every cell of
+    ``exp[cells]``, tuned on ``tuning.<axis>`` (``each`` cell, or one whose choices serve all).
+    A cell's run config is ``base`` ← method ← ``layer(exp[cells][cell])`` ← the tuned value
+    (:func:`cell_config`; a ConfigError names ``<cell>.<method>``)."""
+
+    job: type[StudyJob]
+    axis: str
+    cells: str
+    layer: Callable[[Any], Mapping[str, Any]] = lambda over: over
+
+    def _config(self, exp: Mapping[str, Any]) -> CellConfig:
+        def config(axes: Mapping[str, Any], seed: int, run: Path,
+                   extra: Mapping[str, Any]) -> dict[str, Any]:
+            cell, method = axes[self.axis], axes["method"]
+            return cell_config(exp["base"], exp["methods"][method],
+                               [self.layer(exp[self.cells][cell])], extra, seed=seed, out=run,
+                               name=f"{cell}.{method}")
+        return config
+
+    def tune_jobs(self, exp: Mapping[str, Any], out: Path) -> list[Any]:
+        """Every (tuned cell, tuned method, value) on the tuning seed, for ``tuning.rounds``
+        rounds, validated up front; none without a ``tuning`` section."""
+        if not exp.get("tuning"):
+            return []
+        t = exp["tuning"]
+        on = list(exp[self.cells]) if t[self.axis] == "each" else [t[self.axis]]
+        cells = [({self.axis: c, "method": m}, spec, {"rounds": t["rounds"]})
+                 for c in on for m, spec in tuning.tune_grids(exp["methods"]).items()]
+        return tune_jobs(self.job, out, cells, t["seed"], self._config(exp))
+
+    def table_jobs(self, exp: Mapping[str, Any], out: Path,
+                   chosen: Mapping[str, Mapping[str, float]] | None = None) -> list[Any]:
+        """Every (cell, method, seed) of the table, validated up front (a ConfigError names the
+        cell). A tuned method gets ``chosen[cell][method]``; without ``chosen`` (checking the
+        configs before tuning has run) the first value of its grid."""
+        cells = [({self.axis: c, "method": m}, exp["seeds"]) for c in exp[self.cells]
+                 for m in exp["methods"]]
+        return table_jobs(self.job, out, cells, tuning.tune_grids(exp["methods"]), chosen,
+                          self._config(exp))
+
+    def collect_tuning(self, exp: Mapping[str, Any], jobs: Sequence[StudyJob]) -> dict[str, Any]:
+        """``{cell: {method: {key, values, scores, chosen}}}`` for every cell of the table
+        (:func:`collect_tuning`; tuned on one cell, its choices are copied to the others,
+        ``from`` names it)."""
+        tuned = collect_tuning(exp, jobs)
+        if not exp.get("tuning"):
+            return tuned
+        return spread(tuned, exp["tuning"][self.axis], exp[self.cells])
+
+    def study(self, name: str, doc: str, config: Path, out: str, **hooks: Any) -> Study:
+        """The :class:`Study` of ``python -m simulations.experiments.<name>`` on this grid: runs
+        under ``out`` by default, the docs page ``docs/<name>.md``, figures in ``docs/figures``;
+        ``hooks``: its ``load_experiment``, ``run_all``, ``collect`` and ``report``."""
+        return Study(
+            module=f"simulations.experiments.{name}", doc=doc, config=config,
+            docs_help=f"docs page to update (default docs/{name}.md; none with --quick)",
+            figures_help="figure folder (default docs/figures; --out with --quick)",
+            job=self.job,
+            paths=lambda args, exp: grid.output_paths(args, out, Path(f"docs/{name}.md"),
+                                                      Path("docs/figures")),
+            make_tune_jobs=self.tune_jobs, make_jobs=self.table_jobs,
+            collect_tuning=self.collect_tuning,
+            table_line=lambda exp, root, jobs: (
+                f"table: {len(jobs)} runs ({len(exp[self.cells])} {self.cells} × "
+                f"{len(exp['methods'])} methods × {len(exp['seeds'])} seeds) → {root}"),
+            **hooks)
+
+    def chosen_values(self, tuned: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+        """``{cell: {method: chosen value}}`` of :meth:`collect_tuning`."""
+        return chosen_values(tuned, 2)
 
 
 def _dig(tree: Mapping[str, Any], keys: Sequence[Any]) -> Any:
@@ -318,8 +394,12 @@ class Study:
     #: Stop with exit 1 when no cell is finished.
     require_results: bool = True
 
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """The driver's command line: :func:`run_study`."""
+        return run_study(self, argv)
 
-def main(study: Study, argv: Sequence[str] | None = None) -> int:
+
+def run_study(study: Study, argv: Sequence[str] | None = None) -> int:
     """Run the pipeline of ``study`` (see the module docstring); the exit code."""
     parser = grid.grid_parser(study.module, study.doc, study.config, docs_help=study.docs_help,
                               figures_help=study.figures_help, workers_help=study.workers_help)
@@ -374,13 +454,15 @@ def write_results(run: Run, walls: Mapping[str, float], missing: Sequence[str],
 
 
 def publish(run: Run, head: str, text: str, marks: tuple[str, str],
-            plot: Callable[[Path], Any]) -> None:
-    """Print the claims ``head`` and the ``text``, draw the figures (``plot(folder)``), write
-    both sections into the docs page (``marks``: the claims' and the results' markers)."""
+            figures: Mapping[str, Callable[[Path], Any]]) -> None:
+    """Print the claims ``head`` and the ``text``, draw the figures (``{file name: draw(path)}``,
+    into ``--figures``), write both sections into the docs page (``marks``: the claims' and the
+    results' markers)."""
     print(head + "\n\n" + text)
     assert run.figures is not None
     run.figures.mkdir(parents=True, exist_ok=True)
-    plot(run.figures)
+    for name, draw in figures.items():
+        draw(run.figures / name)
     if run.docs is not None:
         write_section(run.docs, head, marks[0])
         write_section(run.docs, text, marks[1])

@@ -16,7 +16,7 @@ These helpers take the axis name as an argument, so any driver can use them;
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,21 @@ def check_tuning(spec: Any, seeds: Sequence[int], rounds: int, axis: str,
     if where != "each" and where not in cells:
         raise ConfigError(f"tuning.{axis}", f"{where!r}; allowed: each, " + ", ".join(cells))
     return {"seed": seed, "rounds": n, axis: where}
+
+
+def check_pairing(exp: dict[str, Any], tuned: Sequence[str], group: str, noun: str,
+                  check: Callable[[Any], dict[str, Any]], fields: str) -> None:
+    """A ``tuning`` section and ``tune`` grids come together: the section, if any, is replaced by
+    ``check(section)``; ConfigError if there is a section but no grid, or grids (``tuned``: the
+    names under ``group``, e.g. the ``methods`` with a grid; ``noun``: ``method``) but no section
+    (``fields``: what the section holds, for the message)."""
+    if exp.get("tuning") is not None:
+        exp["tuning"] = check(exp["tuning"])
+        if not tuned:
+            raise ConfigError("tuning", f"no {noun} has a `tune` grid; add one or drop `tuning`")
+    elif tuned:
+        raise ConfigError(f"{group}.{tuned[0]}.tune",
+                          f"a tune grid needs a `tuning` section ({fields})")
 
 
 def check_last_rounds(last: Any, base: Mapping[str, Any], lengths: Mapping[str, int]) -> int:
