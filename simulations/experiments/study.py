@@ -60,6 +60,13 @@ class StudyJob(grid.GridJob):
     value: float | None = None
     key: str | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        taken = [a for a in cls.AXES if a in vars(StudyJob)]
+        if taken:  # a field named like a property would take the property as its default
+            raise TypeError(f"{cls.__name__}: axis {taken[0]!r} is a StudyJob attribute; "
+                            "name it otherwise")
+
     @staticmethod
     def label(axis: str, value: Any) -> str:
         """The path component of ``axis`` = ``value`` (in the job's name and run directory)."""
