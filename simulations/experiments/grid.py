@@ -15,8 +15,9 @@ The grid drivers (:mod:`~simulations.experiments.fedau`, :mod:`~simulations.expe
 4. report from the run directories: tables written into a docs page between markers
    (:func:`simulations.report.write_section`), figures (:func:`pyplot`, :func:`save_png`).
 
-Each driver keeps its own axes, run-directory layout, CLI extras, tables and figures;
-:mod:`~simulations.experiments.merging` uses the run-directory and figure helpers.
+The pipeline itself (tuning, then the table, then the report) is
+:mod:`~simulations.experiments.study`; each driver keeps its own axes, measurements, tables and
+figures; :mod:`~simulations.experiments.merging` uses the run-directory and figure helpers.
 """
 
 from __future__ import annotations
