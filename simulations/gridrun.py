@@ -141,8 +141,11 @@ def process_pool(workers: int, initializer: Callable[[], None]) -> Executor:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                  initializer=functools.partial(pool_worker, initializer)) as pool:
             futures = {pool.submit(fn, job, fresh): job for job, fresh in items}
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result
+            try:
+                for fut in as_completed(futures):
+                    yield futures[fut], fut.result
+            finally:  # stopped early (an error, Ctrl-C): drop the queued jobs, wait for the running
+                pool.shutdown(wait=True, cancel_futures=True)
 
     return run  # type: ignore[return-value]
 

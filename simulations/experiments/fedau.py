@@ -125,6 +125,12 @@ class Job(study.StudyJob):
     pattern: str
     method: str
 
+    @property
+    def keeps_failed(self) -> bool:
+        """A run the runner stops counts as finished: a tuning value that diverged, or a table
+        run that collapsed (reported as such, :func:`collect`)."""
+        return True
+
 
 #: The jobs and tuning of the (pattern × method) grid: a cell's run config is ``base`` ← method
 #: ← the pattern (its keys under ``participation``) ← the tuned value.
@@ -155,8 +161,9 @@ def _save_participation(sim: Any, job: Job) -> None:
 
 
 def run_job(job: Job, fresh: bool = False) -> dict[str, Any]:
-    """Run (or reuse) one simulation; return its summary (plus ``reused``). A tuning run that
-    the runner stops (e.g. a learning rate that diverges) is kept as ``failed.json``."""
+    """Run (or reuse) one simulation; return its summary (plus ``reused``). A run that the runner
+    stops (a learning rate that diverges until every update of a round is rejected) is kept as
+    ``failed.json``: a tuning value that failed, or a table run that collapsed."""
     return grid.run_simulation(job, fresh, setup=_save_participation, keep_failed=job.keeps_failed)
 
 
@@ -189,26 +196,47 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     """Per (pattern, method): per-seed headline (mean over the last ``last_rounds`` rounds),
     final accuracy, the same window ``PLATEAU_GAP`` rounds earlier, whether the run collapsed
     (:func:`collapsed`), curves; JSON-ready. Only complete cells (every seed finished) are
-    reported; :func:`missing_cells` names the others."""
+    reported; :func:`missing_cells` names the others.
+
+    A run the runner stopped (``failed.json``: every update of a round rejected) collapsed; its
+    model stays as it was (every later update would be rejected too), so its headline, final
+    and earlier values are its last evaluated accuracy, ``stopped`` is its last round, and its
+    curve is extended flat at that accuracy over the table's evaluation rounds."""
     last = exp["last_rounds"]
     out: dict[str, Any] = {}
-    for job in study.complete(jobs):
+    jobs = study.complete(jobs)
+    full = _evaluation_rounds(jobs)
+    for job in jobs:
         rounds, acc = grid.run_curve(job.run_dir)
-        summary = grid.read_summary(job.run_dir)
+        summary = grid.read_summary(job.run_dir, failed=True)
+        stopped = int(summary["last_round"]) if "error" in summary else None
+        if stopped is not None and full is not None:
+            acc = np.concatenate([acc, np.full(int((full > rounds[-1]).sum()), acc[-1])])
+            rounds = np.concatenate([rounds, full[full > rounds[-1]]])
         cell = out.setdefault(job.pattern, {}).setdefault(
             job.method, {"seeds": [], "headline": [], "final": [], "earlier": [],
-                         "collapsed": [], "wall_seconds": [], "participants": [],
+                         "collapsed": [], "stopped": [], "wall_seconds": [], "participants": [],
                          "rounds": rounds.tolist(), "curves": []})
         cell["seeds"].append(job.seed)
         head = late_mean(rounds, acc, last)
         cell["headline"].append(head)
         cell["final"].append(float(acc[-1]))
         cell["earlier"].append(late_mean(rounds, acc, last, float(rounds[-1]) - PLATEAU_GAP))
-        cell["collapsed"].append(collapsed(acc, head, job.run_dir))
+        cell["collapsed"].append(stopped is not None or collapsed(acc, head, job.run_dir))
+        cell["stopped"].append(stopped)
         cell["wall_seconds"].append(float(summary["wall_seconds"]))
         cell["participants"].append(mean_participants(job.run_dir))
         cell["curves"].append(acc.tolist())
     return out
+
+
+def _evaluation_rounds(jobs: Sequence[Job]) -> np.ndarray | None:
+    """The evaluated rounds of a run that went the whole length (every table run shares them),
+    or None when no finished run did."""
+    for job in jobs:
+        if grid.finished(job.run_dir):
+            return grid.run_curve(job.run_dir)[0]
+    return None
 
 
 missing_cells = study.missing_cells
@@ -223,6 +251,16 @@ def paired_gap(results: Mapping[str, Any], pattern: str, a: str, b: str) -> np.n
     hb = dict(zip(cells[b]["seeds"], cells[b]["headline"], strict=True))
     common = sorted(set(ha) & set(hb))
     return 100 * np.array([ha[s] - hb[s] for s in common]) if common else None
+
+
+def _stopped_at(results: Mapping[str, Any], pattern: str, method: str) -> list[int | None]:
+    """For each collapsed seed of :func:`collapsed_seeds`, the round its run was stopped at
+    (None: it ran the whole length)."""
+    cell = results.get(pattern, {}).get(method)
+    if cell is None:
+        return []
+    stops = cell.get("stopped", [None] * len(cell["seeds"]))
+    return [r for r, d in zip(stops, cell.get("collapsed", []), strict=False) if d]
 
 
 def collapsed_seeds(results: Mapping[str, Any], pattern: str, method: str) -> list[int]:
@@ -377,10 +415,13 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[s
     for p in results:
         lines.append(f"| {p} | " + " | ".join(_per_seed_text(results, p, a, b)
                                               for a, b in pairs) + " |")
-    gone = [f"{p}/{m} seed {s}" for p in results for m in methods
-            for s in collapsed_seeds(results, p, m)]
-    lines += ["", "Collapsed runs (the headline below half of the run's best accuracy, or a "
-              "non-finite final model): "
+    gone = [f"{p}/{m} seed {s}" + (f" (stopped at round {r})" if r is not None else "")
+            for p in results for m in methods
+            for s, r in zip(collapsed_seeds(results, p, m), _stopped_at(results, p, m), strict=True)]
+    lines += ["", "Collapsed runs (the headline below half of the run's best accuracy, a "
+              "non-finite final model, or a run the runner stopped because every update of a "
+              "round was rejected; a stopped run counts with its last evaluated accuracy, and "
+              "its curve stays flat from there): "
               + (", ".join(gone) if gone else "none") + "."]
     e0 = rounds - PLATEAU_GAP
     lines += [] if e0 < last else [

@@ -147,3 +147,19 @@ def test_process_pool_runs_jobs_in_spawned_workers(tmp_path):
     pids = {v["pid"] for v in got.values()}
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
     assert all(json.loads((j.run_dir / "cell.json").read_text())["status"] == "failed" for j in jobs)
+
+
+def test_process_pool_drops_queued_jobs_when_on_done_raises(tmp_path):
+    """An error while handling a completion (e.g. a run that failed) stops the grid at once:
+    the queued jobs are cancelled instead of all running first."""
+    import os
+
+    jobs = [sweep_cli.CellJob(f"c{i}", tmp_path / f"c{i}", {"rounds": -1}) for i in range(40)]
+
+    def stop(i, job, get):
+        raise RuntimeError(f"stop at {job.name}")
+
+    with pytest.raises(RuntimeError, match="stop at"):
+        gridrun.execute(jobs, sweep_cli.run_cell_job, gridrun.process_pool(1, os.getpid), stop)
+    ran = [j for j in jobs if (j.run_dir / "cell.json").exists()]
+    assert 1 <= len(ran) < 10, len(ran)  # the one that completed, at most a few in flight
