@@ -240,6 +240,10 @@ class Simulation:
                 if restarts is not None:
                     row["worker_restarts"] = restarts()
                 row.update(extra)
+                if self._stops(row) and not cfg.evaluates(rnd):
+                    # the run stops here: test the model it ends with (the last row says where
+                    # it stood, e.g. after a divergence, not the last scheduled evaluation)
+                    row["test_loss"], row["test_accuracy"] = self.evaluate(self.reported(arrays))
                 self._log(row)
                 bar.advance(rnd, row["test_accuracy"])
                 self._check_replies(rnd, row)
@@ -250,10 +254,14 @@ class Simulation:
             self.writer.flush()  # the completed rounds' metrics, also after an interruption
         return arrays
 
+    def _stops(self, row: dict[str, Any]) -> bool:
+        """Whether messages went out but fewer than ``min_replies`` usable replies came back."""
+        return int(row.get("sent", 0)) > 0 and int(row.get("clients", 0)) < self.cfg.min_replies
+
     def _check_replies(self, rnd: int, row: dict[str, Any]) -> None:
         """Fail the run when messages went out but fewer than ``min_replies`` usable replies came back."""
         sent, usable = int(row.get("sent", 0)), int(row.get("clients", 0))
-        if sent > 0 and usable < self.cfg.min_replies:
+        if self._stops(row):
             raise RunError(
                 f"round {rnd}: {usable} usable replies from {sent} clients (min_replies="
                 f"{self.cfg.min_replies}; failures {row.get('failures', 0)}, timeouts "

@@ -420,8 +420,8 @@ def report(exp: Mapping[str, Any], results: Mapping[str, Any], tuning: Mapping[s
             for s, r in zip(collapsed_seeds(results, p, m), _stopped_at(results, p, m), strict=True)]
     lines += ["", "Collapsed runs (the headline below half of the run's best accuracy, a "
               "non-finite final model, or a run the runner stopped because every update of a "
-              "round was rejected; a stopped run counts with its last evaluated accuracy, and "
-              "its curve stays flat from there): "
+              "round was rejected; a stopped run counts with the accuracy of the model it stopped "
+              "with, tested at that round, and its curve stays flat from there): "
               + (", ".join(gone) if gone else "none") + "."]
     e0 = rounds - PLATEAU_GAP
     lines += [] if e0 < last else [

@@ -110,6 +110,21 @@ def test_too_few_replies_fail_the_run_with_a_clear_message(tmp_path) -> None:
     assert not (tmp_path / "f" / "summary.json").exists()
 
 
+def test_a_stopped_run_tests_the_model_it_ends_with(tmp_path) -> None:
+    """The round that stops a run is evaluated even off the evaluation schedule, so the last
+    metrics row measures the model the run ends with (a study counts a diverged run by it)."""
+    cfg = load_config(None, {"engine": "inline", "rounds": 6, "num_clients": 4, "model": "mlp",
+                             "dataset_args": {"num_samples": 600}, "min_replies": 3, "eval_every": 100,
+                             "faults": {"crash_prob": 0.6}, "out": str(tmp_path / "f")})
+    with pytest.raises(RunError, match=r"round (\d+)"):
+        Simulation(cfg).run()
+    rows = read_metrics(tmp_path / "f")
+    last = rows[-1]
+    assert int(last["round"]) >= 1 and int(last["clients"]) < 3 and last["test_accuracy"] != ""
+    assert 0.0 <= float(last["test_accuracy"]) <= 1.0
+    assert all(r["test_accuracy"] in ("", "nan") for r in rows[1:-1])  # off-schedule rounds stay untested
+
+
 def test_injected_crashes_are_counted_and_the_run_goes_on(tmp_path) -> None:
     cfg = load_config(None, {"engine": "inline", "rounds": 4, "num_clients": 10, "model": "mlp",
                              "dataset_args": {"num_samples": 1000}, "faults": {"crash_prob": 0.2},
