@@ -96,14 +96,10 @@ class InlineEngine(GridEngine):
     @contextlib.contextmanager
     def open(self, cfg: RunConfig, runtime: ClientRuntime) -> Iterator[SimGrid]:
         n = cfg.num_clients
-        work = _work(runtime)
-        limit = _batch_limit(cfg, runtime)
         app = make_client_app(runtime.config, runtime=runtime)
-        grid = SimGrid(n, InlineExecutor(app, n, batch_limit=limit, pool_of=_pool_of(cfg, runtime)), work=work)
-        try:
+        executor = InlineExecutor(app, n, batch_limit=_batch_limit(cfg, runtime), pool_of=_pool_of(cfg, runtime))
+        with _shut_down_after(SimGrid(n, executor, work=_work(runtime))) as grid:
             yield grid
-        finally:
-            grid.shutdown()
 
 
 class RayEngine(GridEngine):
@@ -124,11 +120,17 @@ class RayEngine(GridEngine):
             executor = RayExecutor(make_client_app(runtime.config, runtime=runtime), n,
                                    worker_pools(ray, cfg, runtime.profiles), pool_of=_pool_of(cfg, runtime),
                                    batch_limit=limit, alone=alone)
-            grid = SimGrid(n, executor, work=work)
-            try:
+            with _shut_down_after(SimGrid(n, executor, work=work)) as grid:
                 yield grid
-            finally:
-                grid.shutdown()
+
+
+@contextlib.contextmanager
+def _shut_down_after(grid: SimGrid) -> Iterator[SimGrid]:
+    """``grid`` for the block; its executor is shut down when the block ends, also on an error."""
+    try:
+        yield grid
+    finally:
+        grid.shutdown()
 
 
 def _round_of(job: Any) -> int:
