@@ -447,7 +447,8 @@ def plot_curves(results: Mapping[str, Any], f: int, attacks: Sequence[str], aggs
     for row in axes:
         row[0].set_ylabel("test accuracy (%)")
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8)
+    if names:  # none while the grid has no finished cell at this f
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
