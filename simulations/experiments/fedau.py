@@ -210,9 +210,9 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir, failed=True)
         stopped = int(summary["last_round"]) if "error" in summary else None
-        if stopped is not None and full is not None:
-            acc = np.concatenate([acc, np.full(int((full > rounds[-1]).sum()), acc[-1])])
-            rounds = np.concatenate([rounds, full[full > rounds[-1]]])
+        if stopped is not None and full is not None:  # on the table's rounds: the last test so far
+            acc = acc[np.searchsorted(rounds, full, side="right") - 1]
+            rounds = full
         cell = out.setdefault(job.pattern, {}).setdefault(
             job.method, {"seeds": [], "headline": [], "final": [], "earlier": [],
                          "collapsed": [], "stopped": [], "wall_seconds": [], "participants": [],

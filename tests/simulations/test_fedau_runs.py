@@ -261,20 +261,23 @@ def test_experiment_driver_end_to_end(tmp_path):
     # collapse: counted with its last evaluated accuracy, its curve flat from there
     run = out / "markov" / "fedau" / "seed-1"
     lines = (run / "metrics.csv").read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines[1:] if int(ln.split(",")[0]) <= 3]
-    (run / "metrics.csv").write_text(lines[0] + "".join(kept))
+    kept = [ln.split(",") for ln in lines[1:] if int(ln.split(",")[0]) <= 4]
+    kept[-1][5] = "0.123"  # the runner tests the model a run stops with, off the schedule too
+    (run / "metrics.csv").write_text(lines[0] + "".join(",".join(r) for r in kept))
     (run / "summary.json").unlink()
-    acc3 = float(kept[-1].split(",")[5])
-    (run / "failed.json").write_text(json.dumps({"error": "round 4: 0 usable replies", "last_round": 3,
+    acc3 = 0.123
+    (run / "failed.json").write_text(json.dumps({"error": "round 4: 0 usable replies", "last_round": 4,
                                                  "final_test_accuracy": acc3, "wall_seconds": 0.0}))
     assert exp_fedau.main([*argv, "--report-only"]) == 0
     res = json.loads((out / "results.json").read_text())
     cell = res["results"]["markov"]["fedau"]
-    assert res["missing"] == [] and cell["stopped"] == [None, 3] and cell["collapsed"][1]
+    assert res["missing"] == [] and cell["stopped"] == [None, 4] and cell["collapsed"][1]
     assert cell["headline"][1] == cell["final"][1] == pytest.approx(acc3)
+    assert cell["rounds"] == [0.0, 3.0, 5.0, 6.0]  # the table's evaluation rounds
     assert len(cell["curves"][1]) == len(cell["curves"][0]) == len(cell["rounds"])
-    assert cell["curves"][1][-1] == pytest.approx(acc3)
-    assert "markov/fedau seed 1 (stopped at round 3)" in docs.read_text()
+    assert cell["curves"][1][1] == pytest.approx(float(kept[3][5]))  # round 3: as it ran
+    assert cell["curves"][1][2:] == pytest.approx([acc3, acc3])     # then flat at the stop's test
+    assert "markov/fedau seed 1 (stopped at round 4)" in docs.read_text()
     assert exp_fedau.main(argv) == 0  # a stopped run is finished: not run again
     assert not (run / "summary.json").exists()
     # a different chosen value makes the table's runs stale: they are redone, not reused
