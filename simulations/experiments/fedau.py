@@ -290,8 +290,8 @@ def claims(results: Mapping[str, Any], patterns: Sequence[str],
     """The claim table's rows ``(claim, our number, verdict)``. Gaps are per-seed paired
     differences of the headline, mean ± std (ddof 1) over seeds, in points. Verdicts: "FedAU
     above" each of ``baselines`` holds when the mean gap is positive in every pattern ("every
-    seed" when no seed's gap is ≤ 0), and is "not shown" when some pattern's positive mean gap is
-    smaller than its std over seeds (pairs whose baseline run collapsed are counted in the
+    seed" when no seed's gap is ≤ 0), and is "not shown" when in some pattern a seed's gap is
+    ≤ 0 and the positive mean gap is smaller than its std over seeds (pairs whose baseline run collapsed are counted in the
     verdict); the oracle claim holds when ``known-p − fedau`` ≤ ``ORACLE_POINTS`` in every
     pattern; MIFA/FedVarp "may be higher" is reported, not judged."""
     rows = []
@@ -312,7 +312,8 @@ def claims(results: Mapping[str, Any], patterns: Sequence[str],
         else:
             worse = sum(int((g <= 0).sum()) for g in gaps.values())
             n = sum(g.size for g in gaps.values())
-            noisy = [p for p, g in gaps.items() if g.size > 1 and g.mean() < g.std(ddof=1)]
+            noisy = [p for p, g in gaps.items()
+                     if (g <= 0).any() and g.size > 1 and g.mean() < g.std(ddof=1)]
             verdict = (f"**not shown**: above on average, but within seed noise in "
                        f"{', '.join(noisy)} (mean gap below its std over seeds; below in {worse} "
                        f"of {n} seed-pattern pairs)" if noisy else

@@ -86,12 +86,13 @@ def test_experiment_config_has_the_required_grid():
              "fedvarp"]
     assert set(paper) <= set(exp["methods"])
     assert exp["methods"]["fedau-k50"]["strategy_args"]["cutoff"] == 50
-    # the one extra row: fedavg-participating one grid step below its tuned lr, not tuned
+    # the extra rows: the two FedAvg baselines at the untuned 0.562 (their tuned lrs collapsed)
     extra = set(exp["methods"]) - set(paper)
-    assert extra == {"fedavg-participating-lr0.562"}
+    assert extra == {"fedavg-participating-lr0.562", "fedavg-all-lr0.562"}
     assert exp_fedau.tune_grid(exp, "fedavg-participating-lr0.562") is None
+    assert exp_fedau.tune_grid(exp, "fedavg-all-lr0.562") is None
     assert exp_fedau.baseline_methods(exp) == ["fedavg-participating", "fedavg-all",
-                                               "fedavg-participating-lr0.562"]
+                                               "fedavg-participating-lr0.562", "fedavg-all-lr0.562"]
     # headline: the last 50 rounds, every one of them evaluated
     assert exp["last_rounds"] == 50 and base["eval_last"] >= 50
     # tuning: every method and pattern, a grid in steps of 10^0.25, on a seed the table does not
