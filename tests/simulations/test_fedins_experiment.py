@@ -33,7 +33,7 @@ def test_grid_from_the_shipped_config(tmp_path):
         assert key == "lr" and len(values) >= 4
         np.testing.assert_allclose(np.diff(np.log10(values)), 0.25, atol=0.01)
     tune = exp_mod.make_tune_jobs(exp, tmp_path)
-    assert len(tune) == 9 and {j.seed for j in tune} == {100}
+    assert len(tune) == 11 and {j.seed for j in tune} == {100}
     assert {j.level for j in tune} == {"8-domains"} and {j.config["rounds"] for j in tune} == {125}
     assert Path(tune[0].config["out"]) == tmp_path / "tune" / "8-domains" / "fedins" / "lr-0.316"
     jobs = exp_mod.make_jobs(exp, tmp_path, {lv: {"fedins": 1.0, "ssf": 0.178}
