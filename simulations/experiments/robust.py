@@ -233,9 +233,12 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
 
 # ------------------------------------------------------------------------------ results
 def expected_rounds(config: Mapping[str, Any]) -> list[float]:
-    """The rounds a complete run evaluates: 0, every ``eval_every``-th, and the last."""
-    total, every = int(config.get("rounds", 20)), int(config.get("eval_every", 1))
-    return [0.0, *(float(r) for r in range(1, total + 1) if r % every == 0 or r == total)]
+    """The rounds a complete run evaluates: 0 and every round ``RunConfig.evaluates`` (every
+    ``eval_every``-th, each of the last ``eval_last``, the last)."""
+    from simulations.core.config import build_config
+
+    cfg = build_config(config)
+    return [0.0, *(float(r) for r in range(1, cfg.rounds + 1) if cfg.evaluates(r))]
 
 
 def _column_total(run_dir: Path, key: str) -> float:
@@ -249,7 +252,8 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     """``results[f][attack][aggregator]``: per-seed headline (mean test accuracy over the last
     ``last_rounds`` rounds), final accuracy, the same window ``PLATEAU_GAP`` rounds earlier,
     curves, rejected/infeasible counts, wall seconds; JSON-ready. A run the runner stopped carries
-    its last evaluation forward."""
+    its last test forward on the scheduled evaluation rounds (the runner tests the model a run
+    stops with, so that is the diverged model's accuracy)."""
     last = exp["last_rounds"]
     out: dict[str, Any] = {}
     for job in jobs:
@@ -259,8 +263,8 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
         summary = grid.read_summary(job.run_dir, failed=True)
         expected = np.asarray(expected_rounds(job.config))
         stopped = "error" in summary
-        if stopped and len(acc) < len(expected):  # carry the last evaluation forward
-            acc = np.concatenate([acc, np.full(len(expected) - len(acc), acc[-1])])
+        if stopped:  # on the scheduled rounds: the last test so far (the stop's own included)
+            acc = acc[np.searchsorted(rounds, expected, side="right") - 1]
             rounds = expected
         cell = out.setdefault(str(job.f), {}).setdefault(job.attack, {}).setdefault(
             job.aggregator, {"seeds": [], "headline": [], "final": [], "earlier": [],
@@ -640,7 +644,8 @@ def report_markdown(results: Mapping[str, Any], exp: Mapping[str, Any], runs: in
               + (", ".join(rej) if rej else "none") + ".",
               "", "† runs stopped by the runner because every update of a round was rejected (the "
               "global model had diverged to huge or non-finite weights, so every client's update "
-              "was non-finite or absurd); their last evaluated accuracy is carried forward: "
+              "was non-finite or absurd); the accuracy of the model they stopped with, tested at "
+              "that round, is carried forward: "
               + (", ".join(stopped) if stopped else "none") + "."]
     return "\n".join(p for p in parts)
 
