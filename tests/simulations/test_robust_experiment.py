@@ -183,3 +183,10 @@ def test_curve_figure_of_an_f_without_finished_cells_is_drawn_empty(tmp_path):
     figure instead of failing the report."""
     path = exp_robust.plot_curves({}, 3, ["random", "alie"], ["mean", "flag"], {}, tmp_path / "c.png")
     assert path.stat().st_size > 1000
+
+
+def test_expected_rounds_follow_the_run_configs_evaluation_schedule():
+    """A stopped run's curve is laid on these rounds, so they must be the ones a complete run
+    evaluates: every ``eval_every``-th and each of the last ``eval_last``."""
+    rounds = exp_robust.expected_rounds({"rounds": 30, "eval_every": 10, "eval_last": 3})
+    assert rounds == [0.0, 10.0, 20.0, 28.0, 29.0, 30.0]
