@@ -261,9 +261,9 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
             continue
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir, failed=True)
-        expected = np.asarray(expected_rounds(job.config))
         stopped = "error" in summary
         if stopped:  # on the scheduled rounds: the last test so far (the stop's own included)
+            expected = np.asarray(expected_rounds(job.config))
             acc = acc[np.searchsorted(rounds, expected, side="right") - 1]
             rounds = expected
         cell = out.setdefault(str(job.f), {}).setdefault(job.attack, {}).setdefault(
