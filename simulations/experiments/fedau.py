@@ -204,15 +204,12 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
     curve is extended flat at that accuracy over the table's evaluation rounds."""
     last = exp["last_rounds"]
     out: dict[str, Any] = {}
-    jobs = study.complete(jobs)
-    full = _evaluation_rounds(jobs)
-    for job in jobs:
+    for job in study.complete(jobs):
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir, failed=True)
         stopped = int(summary["last_round"]) if "error" in summary else None
-        if stopped is not None and full is not None:  # on the table's rounds: the last test so far
-            acc = acc[np.searchsorted(rounds, full, side="right") - 1]
-            rounds = full
+        if stopped is not None:
+            rounds, acc = grid.stopped_curve(rounds, acc, job.config)
         cell = out.setdefault(job.pattern, {}).setdefault(
             job.method, {"seeds": [], "headline": [], "final": [], "earlier": [],
                          "collapsed": [], "stopped": [], "wall_seconds": [], "participants": [],
@@ -228,15 +225,6 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
         cell["participants"].append(mean_participants(job.run_dir))
         cell["curves"].append(acc.tolist())
     return out
-
-
-def _evaluation_rounds(jobs: Sequence[Job]) -> np.ndarray | None:
-    """The evaluated rounds of a run that went the whole length (every table run shares them),
-    or None when no finished run did."""
-    for job in jobs:
-        if grid.finished(job.run_dir):
-            return grid.run_curve(job.run_dir)[0]
-    return None
 
 
 missing_cells = study.missing_cells

@@ -264,6 +264,18 @@ def run_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return arr[:, 0], arr[:, 1]
 
 
+def stopped_curve(rounds: np.ndarray, acc: np.ndarray, config: Mapping[str, Any]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The curve of a run the runner stopped, on the rounds a complete run of ``config``
+    evaluates (0 and every round ``RunConfig.evaluates``): at each, the last test so far. The
+    runner tests the model a run stops with, so past the stop this is the diverged model."""
+    from simulations.core.config import build_config
+
+    cfg = build_config(config)
+    full = np.array([0.0, *(float(r) for r in range(1, cfg.rounds + 1) if cfg.evaluates(r))])
+    return full, acc[np.searchsorted(rounds, full, side="right") - 1]
+
+
 def train_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The ``train`` rows of a run's ``metrics.csv``."""
     from simulations.core.results import read_metrics

@@ -232,15 +232,6 @@ def run_all(jobs: Sequence[Job], workers: int = 2, fresh: bool = False,
 
 
 # ------------------------------------------------------------------------------ results
-def expected_rounds(config: Mapping[str, Any]) -> list[float]:
-    """The rounds a complete run evaluates: 0 and every round ``RunConfig.evaluates`` (every
-    ``eval_every``-th, each of the last ``eval_last``, the last)."""
-    from simulations.core.config import build_config
-
-    cfg = build_config(config)
-    return [0.0, *(float(r) for r in range(1, cfg.rounds + 1) if cfg.evaluates(r))]
-
-
 def _column_total(run_dir: Path, key: str) -> float:
     vals = [r.get(key) for r in grid.train_rows(run_dir)]
     return float(sum(float(v) for v in vals if v not in (None, "") and math.isfinite(float(v))))
@@ -262,10 +253,8 @@ def collect(exp: Mapping[str, Any], jobs: Sequence[Job]) -> dict[str, Any]:
         rounds, acc = grid.run_curve(job.run_dir)
         summary = grid.read_summary(job.run_dir, failed=True)
         stopped = "error" in summary
-        if stopped:  # on the scheduled rounds: the last test so far (the stop's own included)
-            expected = np.asarray(expected_rounds(job.config))
-            acc = acc[np.searchsorted(rounds, expected, side="right") - 1]
-            rounds = expected
+        if stopped:
+            rounds, acc = grid.stopped_curve(rounds, acc, job.config)
         cell = out.setdefault(str(job.f), {}).setdefault(job.attack, {}).setdefault(
             job.aggregator, {"seeds": [], "headline": [], "final": [], "earlier": [],
                              "rounds": rounds.tolist(), "curves": [], "rejected": [],

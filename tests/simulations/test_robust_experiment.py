@@ -185,8 +185,12 @@ def test_curve_figure_of_an_f_without_finished_cells_is_drawn_empty(tmp_path):
     assert path.stat().st_size > 1000
 
 
-def test_expected_rounds_follow_the_run_configs_evaluation_schedule():
-    """A stopped run's curve is laid on these rounds, so they must be the ones a complete run
-    evaluates: every ``eval_every``-th and each of the last ``eval_last``."""
-    rounds = exp_robust.expected_rounds({"rounds": 30, "eval_every": 10, "eval_last": 3})
-    assert rounds == [0.0, 10.0, 20.0, 28.0, 29.0, 30.0]
+def test_a_stopped_curve_follows_the_run_configs_evaluation_schedule():
+    """A stopped run's curve is laid on the rounds a complete run evaluates (every
+    ``eval_every``-th and each of the last ``eval_last``), its last test carried forward."""
+    from simulations.experiments import grid
+
+    rounds, acc = grid.stopped_curve(np.array([0.0, 10.0, 14.0]), np.array([0.1, 0.5, 0.2]),
+                                     {"rounds": 30, "eval_every": 10, "eval_last": 3})
+    assert rounds.tolist() == [0.0, 10.0, 20.0, 28.0, 29.0, 30.0]
+    assert acc.tolist() == [0.1, 0.5, 0.2, 0.2, 0.2, 0.2]
