@@ -20,7 +20,7 @@ import pytest
 
 from simulations.core.engine import reaper
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.skipif(not reaper.supported(), reason="needs Linux /proc")
 
 #: A driver: an "old" child started before the block, then inside it a child that starts a

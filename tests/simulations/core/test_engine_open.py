@@ -17,7 +17,7 @@ from simulations.core.config import load_config
 from simulations.core.engine import ENGINES, InlineEngine, RayEngine, get_engine
 from simulations.core.engine.reaper import children
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMALL = {"num_clients": 4, "model": "mlp", "dataset_args": {"num_samples": 600}}
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from fedagg.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 PROBE = """
 import json, sys

@@ -18,7 +18,7 @@ from simulations.core.config import load_config
 from simulations.core.results import load_arrays, read_metrics
 from simulations.core.runner import RunError, Simulation
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 #: Strategies whose kill/resume round trip is checked (the issue names these four), plus
 #: fedavg with the server optimiser (its momentum buffer is strategy state).
