@@ -96,19 +96,36 @@ def supported() -> bool:
     return sys.platform.startswith("linux") and Path(f"/proc/{os.getpid()}/stat").exists()
 
 
+def proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, session id, start time in clock ticks) of ``pid``; None once it has exited
+    (a zombie included)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = text[text.rindex(b")") + 2:].split()
+    return None if fields[0] == b"Z" else (int(fields[1]), int(fields[3]), int(fields[19]))
+
+
+def process_table() -> dict[int, tuple[int, int, int]]:
+    """{pid: :func:`proc_stat`} of every live process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := proc_stat(int(entry))) is not None:
+            table[int(entry)] = stat
+    return table
+
+
+def still_running(pid: int, start: int) -> bool:
+    """Whether ``pid`` is still the live process that started at ``start`` (clock ticks): a
+    reused pid is not."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[2] == start
+
+
 def children(pid: int) -> dict[int, int]:
     """{pid: start time in clock ticks} of the live children of ``pid``."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                text = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            fields = text[text.rindex(b")") + 2:].split()
-            if fields[0] != b"Z" and int(fields[1]) == pid:
-                out[int(entry)] = int(fields[19])
-    return out
+    return {p: start for p, (ppid, _, start) in process_table().items() if ppid == pid}
 
 
 @contextlib.contextmanager

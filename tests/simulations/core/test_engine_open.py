@@ -14,8 +14,7 @@ from flwr.app import Message, MessageType, RecordDict
 
 from simulations.core.client_app import ClientRuntime
 from simulations.core.config import load_config
-from simulations.core.engine import ENGINES, InlineEngine, RayEngine, get_engine
-from simulations.core.engine.reaper import children
+from simulations.core.engine import ENGINES, InlineEngine, RayEngine, get_engine, reaper
 
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = {"num_clients": 4, "model": "mlp", "dataset_args": {"num_samples": 600}}
@@ -70,7 +69,7 @@ def _descendants(pid: int) -> dict[int, int]:
     """{pid: start time} of every live process below ``pid``."""
     out, todo = {}, [pid]
     while todo:
-        for child, start in children(todo.pop()).items():
+        for child, start in reaper.children(todo.pop()).items():
             if child not in out:
                 out[child] = start
                 todo.append(child)
@@ -83,16 +82,6 @@ def _command(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
     except OSError:
         return b""
-
-
-def _same(pid: int, start: int) -> bool:
-    """Whether ``pid`` is still the live process that started at ``start``."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0] != "Z" and int(fields[19]) == start
 
 
 @pytest.mark.slow
@@ -117,9 +106,9 @@ def test_ray_engine_stops_its_actors_and_ray_when_the_body_raises(tmp_path) -> N
     assert not ray.is_initialized()
     assert grid.executor.actors == []
     deadline = time.monotonic() + 30  # a bound for the check, not a timing assertion
-    while time.monotonic() < deadline and any(_same(p, s) for p, s in started.items()):
+    while time.monotonic() < deadline and any(reaper.still_running(p, s) for p, s in started.items()):
         time.sleep(0.25)
-    left = [p for p, s in started.items() if _same(p, s)]
+    left = [p for p, s in started.items() if reaper.still_running(p, s)]
     for p in left:  # only our own, still the same processes
         os.kill(p, 9)
     assert left == []

@@ -47,11 +47,7 @@ DRIVER = textwrap.dedent("""
 
 
 def _alive(pid: int) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return text[text.rindex(")") + 2] != "Z"
+    return reaper.proc_stat(pid) is not None
 
 
 def _gone_within(pids: list[int], seconds: float) -> bool:
@@ -108,16 +104,7 @@ def test_a_block_that_ends_normally_leaves_its_processes_alone() -> None:
 
 def _descendants(root: int) -> dict[int, int]:
     """{pid: start time} of the processes below ``root`` and in its session."""
-    procs = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                text = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            f = text[text.rindex(")") + 2:].split()
-            if f[0] != "Z":
-                procs[int(d)] = (int(f[1]), int(f[3]), int(f[19]))
+    procs = reaper.process_table()
     found, todo = {p for p, (_, sid, _) in procs.items() if sid == root}, [root]
     while todo:
         parent = todo.pop()
@@ -127,16 +114,6 @@ def _descendants(root: int) -> dict[int, int]:
                 todo.append(p)
     found.discard(root)
     return {p: procs[p][2] for p in found}
-
-
-def _same(pid: int, start: int) -> bool:
-    """Whether ``pid`` is still the (live) process that started at ``start``."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    f = text[text.rindex(")") + 2:].split()
-    return f[0] != "Z" and int(f[19]) == start
 
 
 @pytest.mark.slow
@@ -166,19 +143,19 @@ def test_killed_ray_run_leaves_no_ray_process(tmp_path) -> None:
         time.sleep(2.0)  # the watchdog records every 0.5 s (margin for a loaded machine)
         seen.update(_descendants(proc.pid))
         names = {p: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0][-40:] for p in seen
-                 if _same(p, seen[p])}
+                 if reaper.still_running(p, seen[p])}
         assert any(n.endswith(b"/raylet") for n in names.values()), names  # Ray was running
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         t0 = time.monotonic()
-        while time.monotonic() < t0 + 15 and any(_same(p, s) for p, s in seen.items()):
+        while time.monotonic() < t0 + 15 and any(reaper.still_running(p, s) for p, s in seen.items()):
             time.sleep(0.25)
-        left = {p: names.get(p) for p, s in seen.items() if _same(p, s)}
+        left = {p: names.get(p) for p, s in seen.items() if reaper.still_running(p, s)}
         print(f"{len(seen)} processes, {len(left)} left {time.monotonic() - t0:.1f} s after the kill")
         assert left == {}, left
     finally:
         if proc.poll() is None:
             proc.kill()
         for pid, start in seen.items():  # only our own, still the same processes
-            if _same(pid, start):
+            if reaper.still_running(pid, start):
                 os.kill(pid, signal.SIGKILL)
