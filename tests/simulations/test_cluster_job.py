@@ -295,7 +295,8 @@ def test_env_check_reports_the_cluster_python_and_refuses_one_without_flwr(tmp_p
     assert submit.env_problems(report, required) == [] and good.stopped == []
     # A python without flwr (the system one, when it has none) is refused, naming what is missing.
     system = shutil.which("python3", path="/usr/bin:/bin")
-    if system is None or subprocess.run([system, "-c", "import flwr"], capture_output=True).returncode == 0:
+    if system is None or subprocess.run([system, "-c", "import flwr"], capture_output=True,
+                                        env={"PATH": "/usr/bin:/bin"}).returncode == 0:
         pytest.skip("no system python3 without flwr to stand for a bare cluster")
     bare = FakeJobs(_python_dir(tmp_path, system))
     with pytest.raises(ConfigError, match=r"^cluster: the job's python \(.*\) lacks (.*, )?flwr"):

@@ -23,6 +23,7 @@ profiles, the batch limit and the fault plan from it.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
@@ -160,6 +161,21 @@ def partition_map(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[
     return out
 
 
+@contextlib.contextmanager
+def pythonpath_kept() -> Iterator[None]:
+    """Put ``PYTHONPATH`` back as it was when the block ends: Flower's Ray backend writes this
+    process's whole ``sys.path`` into it (for its workers) and leaves it there, so any Python a
+    later subprocess starts, even another interpreter, would import from this environment."""
+    before = os.environ.get("PYTHONPATH")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
 class FlowerEngine:
     """Stock ``flwr.simulation.run_simulation`` (Flower's Ray backend); ``run`` only (see above)."""
 
@@ -188,7 +204,8 @@ class FlowerEngine:
             "client_resources": {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": cfg.ray.gpus_per_worker},
             "init_args": init_args,
         }
-        with reaped() if cfg.ray.address is None else contextlib.nullcontext():  # see ray_session
+        # reaped: see ray_session
+        with reaped() if cfg.ray.address is None else contextlib.nullcontext(), pythonpath_kept():
             run_simulation(server_app=app, client_app=make_client_app(runtime.config, runtime=runtime),
                            num_supernodes=cfg.num_clients, backend_config=backend_config)
         if "error" in result:

@@ -3,6 +3,8 @@ whatever the number of Ray workers."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -60,7 +62,9 @@ def test_engines_agree_and_ray_is_deterministic_whatever_the_worker_count(tmp_pa
     for res in (two, one, three):  # bit-identical metrics (time aside) and model
         assert_same_model(res, ref)
         assert csv_without_time(res.run_dir) == csv_without_time(ref.run_dir)
+    pythonpath = os.environ.get("PYTHONPATH")
     flower = run(tmp_path, "flower")  # stock run_simulation starts (and stops) its own Ray
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Flower's Ray backend rewrites it; put back
     for k in ref.arrays:
         np.testing.assert_allclose(flower.arrays[k], ref.arrays[k], rtol=0, atol=1e-6)
     assert [r["clients"] for r in flower.rows] == [r["clients"] for r in ref.rows]
